@@ -1,0 +1,199 @@
+"""Binary correctness reward for MATH-style completions (SPEC section 7): the last `\\boxed{}` answer,
+compared with the reference answer by math-verify.
+
+Only the boxed content is ever handed to math-verify: left to its defaults it pulls any number out of free
+text, so a completion that never commits to a boxed answer would still be credited.
+
+Decisions (tested in tests/test_grading.py):
+- The answer is the content of the *last* `\\boxed{...}` / `\\fbox{...}` (also `\\boxed {`); if that last
+  box is unterminated (e.g. a truncated generation) there is no answer, even if an earlier box closed.
+- `x=3` against reference `3` is correct (math-verify's assignment rule: the right-hand side of a
+  `symbol = value` prediction is compared); `3` against reference `x=3` is also correct.
+- Boxed content longer than `MAX_ANSWER_CHARS` gets 0.0 without calling sympy, and so does an answer
+  whose parsed expression holds a number beyond `MAX_DIGITS` digits (`9^{9^{9^9}}`, `(10^9)!`) or a
+  sum/product over more than `MAX_TERMS` terms: sympy would compute those exactly, for hours, inside one
+  C call that no timer interrupts. These caps (not a timer) are what bound the grading time off the
+  main thread, where math-verify's `signal.alarm` timeouts cannot be used and are switched off.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Sequence
+
+import sympy
+from math_verify import LatexExtractionConfig, parse, verify
+from sympy.core.function import Application
+
+logger = logging.getLogger(__name__)
+
+# Longest boxed answer (either side) handed to sympy; MATH answers are at most a few hundred characters
+# (the longest MATH-500 answer has ~90), and sympy time grows fast with expression size.
+MAX_ANSWER_CHARS = 1_000
+# math-verify's own per-call timeouts (seconds), used only in the main thread where signal.alarm works.
+MAIN_THREAD_TIMEOUT_S = 5
+# Largest magnitude (decimal digits, either way from 1) of a numeric power or function value in an answer;
+# MATH answers stay under a few hundred digits, and sympy handles 10,000-digit integers in milliseconds.
+MAX_DIGITS = 10_000
+# Most terms of a numeric-bounded sum or product (sympy may expand it term by term).
+MAX_TERMS = 10_000
+_HUGE = sympy.Float(f"1e{MAX_DIGITS}")
+_TINY = sympy.Float(f"1e-{MAX_DIGITS}")
+
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# The boxed match has the highest priority and plain `$...$` is never searched: we hand over a single box.
+_EXTRACTION = (LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False),)
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` or `\\fbox{...}` in `text`, with balanced braces.
+
+    Runs in linear time with no recursion (hostile inputs may nest braces thousands deep). Escaped braces
+    `\\{` and `\\}` are literal characters and do not open or close a group.
+
+    Args:
+        text: a completion or a MATH solution.
+
+    Returns:
+        The content between the braces (possibly empty), or None when there is no box or the last box is
+        unterminated.
+    """
+    last = None
+    for last in _BOX_OPEN.finditer(text):
+        pass
+    if last is None:
+        return None
+    start = last.end()
+    depth = 1
+    i = start
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 2  # skip the escaped character (`\{`, `\}`, `\\`)
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i]
+        i += 1
+    return None
+
+
+def _parse_boxed(answer: str, timeout_s: int | None) -> list:
+    """math-verify parse of one answer, wrapped in a box so that only that box is read."""
+    return parse(
+        "\\boxed{" + answer + "}",
+        extraction_config=_EXTRACTION,
+        parsing_timeout=timeout_s,
+    )
+
+
+def _node_too_large(node: sympy.Basic) -> bool:
+    """Whether one expression node would make sympy build a number beyond the caps."""
+    if isinstance(node, (sympy.Sum, sympy.Product)):
+        for _, lower, upper in node.limits:
+            span = upper - lower
+            if span.is_number and span.is_finite and abs(span) > MAX_TERMS:
+                return True
+        return False
+    if isinstance(node, (sympy.Pow, Application)) and node.is_number:
+        magnitude = abs(node.evalf(15))  # mpmath floats: 9**(9**9) evaluates in microseconds
+        if magnitude.is_Float:
+            return bool(magnitude > _HUGE or (magnitude != 0 and magnitude < _TINY))
+    return False
+
+
+def _too_large(parsed: list) -> bool:
+    """Whether any sympy object in a math-verify parse result breaks the size caps (iterative walk)."""
+    stack = [item for item in parsed if isinstance(item, (sympy.Basic, sympy.MatrixBase))]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, sympy.MatrixBase):
+            stack.extend(node)
+            continue
+        if _node_too_large(node):
+            return True
+        stack.extend(node.args)
+    return False
+
+
+def math_reward(completion: str, reference: str) -> float:
+    """1.0 if the last boxed answer of `completion` is equivalent to `reference`, else 0.0.
+
+    Safe in worker threads: off the main thread math-verify's signal-based timeouts are disabled and
+    `MAX_ANSWER_CHARS` bounds the work. Any error inside math-verify counts as wrong (0.0), logged at
+    debug level. Deterministic.
+
+    Args:
+        completion: generated text; it must contain a complete `\\boxed{...}` to earn credit.
+        reference: a MATH solution containing `\\boxed{}` (its last box is the answer) or a bare answer.
+
+    Returns:
+        1.0 or 0.0.
+    """
+    predicted = extract_boxed(completion)
+    if predicted is None or not predicted.strip():
+        return 0.0
+    gold = extract_boxed(reference)
+    if gold is None:
+        gold = reference
+    if not gold.strip():
+        return 0.0
+    if len(predicted) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        logger.debug("math_reward: answer over MAX_ANSWER_CHARS=%d, graded 0.0", MAX_ANSWER_CHARS)
+        return 0.0
+    timeout_s = MAIN_THREAD_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold_parsed = _parse_boxed(gold, timeout_s)
+        predicted_parsed = _parse_boxed(predicted, timeout_s)
+        if not gold_parsed or not predicted_parsed:
+            return 0.0
+        if _too_large(predicted_parsed) or _too_large(gold_parsed):
+            logger.debug("math_reward: %r exceeds MAX_DIGITS/MAX_TERMS, graded 0.0", predicted[:80])
+            return 0.0
+        correct = verify(gold_parsed, predicted_parsed, timeout_seconds=timeout_s)
+    except BaseException as exc:  # math-verify's TimeoutException derives from BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        logger.debug("math_reward: math-verify failed on %r vs %r: %r", predicted[:80], gold[:80], exc)
+        return 0.0
+    return 1.0 if correct else 0.0
+
+
+def _completion_text(completion: str | Sequence[dict]) -> str:
+    """The text of one TRL completion: a string, or (conversational) the last message's content."""
+    if isinstance(completion, str):
+        return completion
+    if not completion:
+        return ""
+    content = completion[-1].get("content", "")
+    if isinstance(content, list):  # multimodal-style content blocks
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
+def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """TRL reward function: `math_reward` of each completion against the dataset column `answer`.
+
+    Args:
+        completions: B strings, or B conversations (lists of `{"role", "content"}` messages).
+        answer: B reference final answers (already extracted from the MATH solutions).
+        **kwargs: the other arguments TRL passes (prompts, completion_ids, dataset columns); unused.
+
+    Returns:
+        B rewards in {0.0, 1.0}.
+    """
+    if len(completions) != len(answer):
+        raise ValueError(
+            f"answer: got {len(answer)} references for {len(completions)} completions; "
+            "the dataset column `answer` must hold one reference per prompt"
+        )
+    return [math_reward(_completion_text(c), a) for c, a in zip(completions, answer)]
+
+
+accuracy_reward.__name__ = "accuracy"

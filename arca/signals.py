@@ -1,0 +1,287 @@
+"""Raw per-token salience signals (SPEC section 2) from at most two no-grad passes: adapter on and off.
+
+Every vocab-level statistic is computed once, in float32 chunks over the valid tokens only
+(`_vocab_stats`); a signal in the registry is then a cheap per-token map of those statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import Tensor
+
+SIGNAL_NAMES: tuple[str, ...] = ("uniform", "surprisal", "entropy", "entropy_reduction", "kl", "arca")
+
+
+class TokenStats(dict):
+    """name -> (N,) float32 statistic over the N valid tokens, flattened in row-major (B, T) order.
+
+    Keys: `valid` (always 1), `logp` (log pi_theta(y_t)), `entropy`, `ref_entropy`, `kl`,
+    `residual_norm` (||h_theta - h_ref||_2). A signal that needs a new vocab-level statistic adds it
+    in `_vocab_stats`, so the vocabulary is still swept once.
+    """
+
+    def __missing__(self, key: str) -> Tensor:
+        # Logit statistics are checked up front; the hidden-state one can still be missing (logits only).
+        source = "ref_hidden (or ref_arca_hidden)" if key == "residual_norm" else "the states it comes from"
+        raise ValueError(f"{source}: needed for statistic {key!r}, which was not computed")
+
+
+@dataclass(frozen=True)
+class Signal:
+    fn: Callable[[TokenStats], Tensor]  # stats -> (N,) salience
+    needs_reference: bool  # needs the adapter-off pass
+    needs_logits: bool  # needs vocab-level statistics (the LM head)
+
+
+SIGNALS: dict[str, Signal] = {}
+
+
+def register_signal(name: str, *, needs_reference: bool, needs_logits: bool):
+    """Decorator: register `fn(stats: TokenStats) -> Tensor (N,)` under `name`."""
+
+    def decorator(fn: Callable[[TokenStats], Tensor]) -> Callable[[TokenStats], Tensor]:
+        SIGNALS[name] = Signal(fn, needs_reference=needs_reference, needs_logits=needs_logits)
+        return fn
+
+    return decorator
+
+
+@register_signal("uniform", needs_reference=False, needs_logits=False)
+def uniform(stats: TokenStats) -> Tensor:
+    return stats["valid"].clone()
+
+
+@register_signal("surprisal", needs_reference=False, needs_logits=True)
+def surprisal(stats: TokenStats) -> Tensor:
+    return -stats["logp"]
+
+
+@register_signal("entropy", needs_reference=False, needs_logits=True)
+def entropy(stats: TokenStats) -> Tensor:
+    return stats["entropy"]
+
+
+@register_signal("entropy_reduction", needs_reference=True, needs_logits=True)
+def entropy_reduction(stats: TokenStats) -> Tensor:
+    return (stats["ref_entropy"] - stats["entropy"]).clamp_min(0.0)
+
+
+@register_signal("kl", needs_reference=True, needs_logits=True)
+def kl(stats: TokenStats) -> Tensor:
+    return stats["kl"]
+
+
+@register_signal("arca", needs_reference=True, needs_logits=False)
+def arca(stats: TokenStats) -> Tensor:
+    return stats["residual_norm"]
+
+
+def _lookup(names: Iterable[str]) -> list[Signal]:
+    names = list(names)
+    unknown = [n for n in names if n not in SIGNALS]
+    if unknown:
+        raise ValueError(f"names: unknown signal(s) {unknown}; registered: {sorted(SIGNALS)}")
+    return [SIGNALS[n] for n in names]
+
+
+def needs_reference(names: Iterable[str]) -> bool:
+    """True if any named signal needs the adapter-off pass."""
+    return any(s.needs_reference for s in _lookup(names))
+
+
+def needs_logits(names: Iterable[str]) -> bool:
+    """True if any named signal needs vocab-level statistics."""
+    return any(s.needs_logits for s in _lookup(names))
+
+
+def _flat(x: Tensor, n: int) -> Tensor:
+    return x.detach().reshape(n, -1)  # (B*T, D): a view, so only valid rows are ever copied
+
+
+def _float_head(lm_head: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
+    bias = getattr(lm_head, "bias", None)
+    return lm_head.weight.detach().float(), None if bias is None else bias.detach().float()
+
+
+def _vocab_stats(
+    sides: list[tuple[Tensor, tuple[Tensor, Tensor | None] | None]], targets: Tensor, rows: Tensor,
+    temperature: float, chunk_tokens: int,
+) -> dict[str, Tensor]:
+    """The single float32 sweep of the vocabulary, over the valid `rows` only, `chunk_tokens` at a time.
+
+    Args:
+        sides: [policy] or [policy, reference], each (states (B*T, D), head): states are logits (D = V)
+            when head is None, else hidden states mapped to logits by head = (weight (V, H), bias (V,)).
+        targets: (B*T,) token ids; rows: (N,) flat indices of the valid tokens.
+    """
+    def log_probs(states: Tensor, head: tuple[Tensor, Tensor | None] | None, idx: Tensor) -> Tensor:
+        z = states[idx].float()  # (c, D)
+        if head is not None:
+            z = torch.nn.functional.linear(z, *head)  # (c, V)
+        return torch.log_softmax(z / temperature, dim=-1)  # (c, V)
+
+    out: dict[str, list[Tensor]] = {k: [] for k in ("logp", "entropy", "ref_entropy", "kl")[: 2 * len(sides)]}
+    for start in range(0, rows.numel(), chunk_tokens):
+        idx = rows[start : start + chunk_tokens]  # (c,)
+        logp = log_probs(*sides[0], idx)  # (c, V)
+        p = logp.exp()
+        out["logp"].append(logp.gather(1, targets[idx, None]).squeeze(1))  # (c,)
+        out["entropy"].append(-(p * logp).sum(-1))
+        if len(sides) == 2:
+            logq = log_probs(*sides[1], idx)  # (c, V)
+            out["ref_entropy"].append(-(logq.exp() * logq).sum(-1))
+            # Exact KL(pi_theta || pi_ref) can round to -1e-7; a divergence is >= 0.
+            out["kl"].append((p * (logp - logq)).sum(-1).clamp_min(0.0))
+    empty = torch.zeros(0, device=rows.device)
+    return {k: torch.cat(v) if v else empty for k, v in out.items()}
+
+
+def _validate(target_ids: Tensor, mask: Tensor, states: dict[str, Tensor | None], names: Sequence[str],
+              temperature: float, chunk_tokens: int) -> list[Signal]:
+    if target_ids.dim() != 2:
+        raise ValueError(f"target_ids: shape {tuple(target_ids.shape)} must be (B, T)")
+    if mask.shape != target_ids.shape:
+        raise ValueError(f"mask: shape {tuple(mask.shape)} does not match target_ids {tuple(target_ids.shape)}")
+    for arg, x in states.items():
+        if x is not None and (x.dim() != 3 or x.shape[:2] != target_ids.shape):
+            raise ValueError(f"{arg}: shape {tuple(x.shape)} must be (B, T, *) with (B, T) = {tuple(mask.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens: must be >= 1, got {chunk_tokens}")
+    for kind in ("hidden", "logits", "arca_hidden"):
+        policy, ref = states[f"policy_{kind}"], states[f"ref_{kind}"]
+        if policy is not None and ref is not None and policy.shape != ref.shape:
+            raise ValueError(f"ref_{kind}: shape {tuple(ref.shape)} does not match policy_{kind} {tuple(policy.shape)}")
+        if kind == "arca_hidden" and (policy is None) != (ref is None):
+            raise ValueError(f"{'ref' if ref is None else 'policy'}_arca_hidden: pass both ARCA-layer states or neither")
+    signals = _lookup(names)
+    refs = ("ref_hidden", "ref_logits", "ref_arca_hidden")
+    if any(s.needs_reference for s in signals) and all(states[a] is None for a in refs):
+        raise ValueError(f"ref_hidden: signals {list(names)} need adapter-off states: pass one of {refs}")
+    return signals
+
+
+def _vocab_sides(signals: list[Signal], names: Sequence[str], lm_head: torch.nn.Module | None,
+                 states: dict[str, Tensor | None], n: int) -> list[tuple[Tensor, tuple | None]]:
+    """Which (states, head) pairs the vocab sweep needs: none, policy, or policy + reference."""
+    if not any(s.needs_logits for s in signals):
+        return []
+    use_ref = any(s.needs_logits and s.needs_reference for s in signals)
+    wanted = ["policy", "ref"] if use_ref else ["policy"]
+    head = None  # the float32 copy of the head weight is made once, and only if hidden states need it
+    if any(states[f"{side}_logits"] is None for side in wanted):
+        if lm_head is None:
+            raise ValueError(f"lm_head: signals {list(names)} need it to map hidden states to logits")
+        head = _float_head(lm_head)
+    sides = []
+    for side in wanted:
+        logits, hidden = states[f"{side}_logits"], states[f"{side}_hidden"]
+        if logits is None and hidden is None:
+            raise ValueError(f"{side}_hidden: signals {list(names)} need it (or {side}_logits)")
+        sides.append((_flat(logits, n), None) if logits is not None else (_flat(hidden, n), head))
+    return sides
+
+
+@torch.no_grad()
+def signals_from_states(
+    target_ids: Tensor, mask: Tensor, policy_hidden: Tensor | None, lm_head: torch.nn.Module | None,
+    ref_hidden: Tensor | None = None, *,
+    policy_arca_hidden: Tensor | None = None, ref_arca_hidden: Tensor | None = None,
+    policy_logits: Tensor | None = None, ref_logits: Tensor | None = None,
+    names: Sequence[str] = SIGNAL_NAMES, temperature: float = 1.0, chunk_tokens: int = 1024,
+) -> dict[str, Tensor]:
+    """Signals from states already aligned with their tokens; inputs are detached, so hooked states are fine.
+
+    Args:
+        target_ids: (B, T) ids of the scored tokens. mask: (B, T), 1 on valid tokens, 0 on padding.
+        policy_hidden, ref_hidden: (B, T, H) final (post-norm) hidden states with the adapter on / off, at
+            the positions whose logits predict `target_ids`.
+        lm_head: H -> V module; its weight is used in float32.
+        policy_arca_hidden, ref_arca_hidden: (B, T, H) states at the ARCA layer (default: the final ones).
+        policy_logits, ref_logits: (B, T, V), used instead of hidden states + `lm_head` when given.
+        names: registered signals to return. temperature: logits are divided by it before the softmax.
+        chunk_tokens: valid tokens per float32 chunk; peak extra memory is a few x chunk_tokens x V x 4 bytes.
+    Returns:
+        name -> (B, T) float32, exactly 0 where `mask` == 0.
+    """
+    states = {"policy_hidden": policy_hidden, "ref_hidden": ref_hidden, "policy_logits": policy_logits,
+              "ref_logits": ref_logits, "policy_arca_hidden": policy_arca_hidden, "ref_arca_hidden": ref_arca_hidden}
+    signals = _validate(target_ids, mask, states, names, temperature, chunk_tokens)
+    n = target_ids.numel()
+    rows = mask.reshape(-1).nonzero().squeeze(1)  # (N,) padding is never gathered
+    stats = TokenStats(valid=torch.ones(rows.numel(), dtype=torch.float32, device=mask.device))
+    sides = _vocab_sides(signals, names, lm_head, states, n)
+    if sides:
+        stats.update(_vocab_stats(sides, target_ids.reshape(-1), rows, temperature, chunk_tokens))
+    policy_arca = policy_arca_hidden if policy_arca_hidden is not None else policy_hidden
+    ref_arca = ref_arca_hidden if ref_arca_hidden is not None else ref_hidden
+    if any(s.needs_reference for s in signals) and policy_arca is not None and ref_arca is not None:
+        delta = _flat(policy_arca, n)[rows].float() - _flat(ref_arca, n)[rows].float()  # (N, H)
+        stats["residual_norm"] = torch.linalg.vector_norm(delta, dim=-1)  # (N,)
+    result = {}
+    for name, signal in zip(names, signals):
+        values = torch.zeros(n, dtype=torch.float32, device=mask.device)  # (B*T,)
+        values[rows] = signal.fn(stats).float()
+        result[name] = values.reshape(target_ids.shape)  # (B, T)
+    return result
+
+
+def _final_and_layer(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, layer: int):
+    """(final hidden state, hidden state at `layer` or None if that is the final one), each (B, L, H)."""
+    # logits_to_keep=1: full (B, L, V) logits are never materialized; the chunk loop rebuilds them.
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                   use_cache=False, logits_to_keep=1).hidden_states  # (num_layers + 1) x (B, L, H)
+    if not -len(hidden) <= layer < len(hidden):
+        raise ValueError(f"layer: {layer} is out of range for {len(hidden)} hidden states")
+    return hidden[-1], None if layer % len(hidden) == len(hidden) - 1 else hidden[layer]
+
+
+@torch.no_grad()
+def compute_signals(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, layer: int = -1,
+    names: Sequence[str] = SIGNAL_NAMES, temperature: float = 1.0, chunk_tokens: int = 1024,
+) -> dict[str, Tensor]:
+    """Run the adapter-on pass (and the adapter-off pass under `disable_adapter()` if needed) and score tokens.
+
+    Args:
+        model: causal LM; a `peft.PeftModel` when a reference signal is requested. Its passes run in eval
+            mode (no dropout); every module's train/eval mode is restored afterwards.
+        input_ids, attention_mask, completion_mask: (B, L); completion_mask is 1 on scored tokens.
+        layer: index into HF `hidden_states` for ARCA (-1 = final, post-norm).
+        names, temperature, chunk_tokens: as in `signals_from_states`.
+    Returns:
+        name -> (B, L) float32; position j scores `input_ids[:, j]` from the states at j - 1, so
+        position 0 and every position with completion_mask (or attention_mask) 0 is 0.
+    """
+    for arg, x in [("attention_mask", attention_mask), ("completion_mask", completion_mask)]:
+        if input_ids.dim() != 2 or x.shape != input_ids.shape:
+            raise ValueError(f"{arg}: shape {tuple(x.shape)} does not match input_ids {tuple(input_ids.shape)}")
+    use_ref = needs_reference(names)
+    if use_ref and not isinstance(model, PeftModel):
+        raise ValueError(f"model: signals {list(names)} need the adapter-off pass; wrap it with peft.get_peft_model")
+    policy = ref = (None, None)
+    if use_ref or needs_logits(names):
+        modes = {module: module.training for module in model.modules()}
+        model.eval()
+        try:
+            policy = _final_and_layer(model, input_ids, attention_mask, layer)
+            if use_ref:
+                with model.disable_adapter():
+                    ref = _final_and_layer(model, input_ids, attention_mask, layer)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+    # States at j - 1 predict token j.
+    policy_final, policy_arca, ref_final, ref_arca = (None if x is None else x[:, :-1] for x in (*policy, *ref))
+    mask = (completion_mask[:, 1:] != 0) & (attention_mask[:, 1:] != 0)  # (B, L - 1)
+    out = signals_from_states(
+        input_ids[:, 1:], mask, policy_final, model.get_output_embeddings(), ref_final,
+        policy_arca_hidden=policy_arca, ref_arca_hidden=ref_arca, names=names, temperature=temperature,
+        chunk_tokens=chunk_tokens,
+    )
+    return {name: torch.nn.functional.pad(v, (1, 0)) for name, v in out.items()}  # (B, L)

@@ -1,0 +1,44 @@
+"""What every stage shares: reading params.yaml sections with errors that name the missing key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def section(params: dict[str, Any], key: str) -> dict[str, Any]:
+    """`params[key]` as a dict; the error names the params.yaml key and the fix."""
+    value = params.get(key)
+    if not isinstance(value, dict):
+        raise ValueError(f"params.yaml: section `{key}:` is missing or not a mapping; add it (see README)")
+    return value
+
+
+def require(mapping: dict[str, Any], dotted: str, kind: type | tuple[type, ...], *, positive: bool = False) -> Any:
+    """Read `a.b.c` from nested params, checking type (and > 0 when `positive`)."""
+    value: Any = mapping
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ValueError(f"params.yaml: {dotted} is missing; add it (see README)")
+        value = value[part]
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ValueError(f"params.yaml: {dotted} must be {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ValueError(f"params.yaml: {dotted} must be {_kind_name(kind)}, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"params.yaml: {dotted} must be > 0, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)

@@ -1,0 +1,160 @@
+"""Stage `figures`: Lorenz curves, regime map, training curves and token heatmaps under results/figures/.
+
+Run from the repository root: `python -m stages.figures [--params params.yaml]`. Reads
+`data/dumps/*.parquet`, `data/diagnostics/trajectories.parquet`, `data/runs/*/{log.tsv,budget.json}` and,
+where present, `data/eval/*.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pandas as pd
+import pyarrow.parquet as pq
+import yaml
+
+from arca.figures import lorenz_figure, regime_map, training_curves
+from arca.heatmap import heatmap_pages, heatmap_png
+
+log = logging.getLogger(__name__)
+
+DUMPS = Path("data/dumps")
+TRAJECTORIES = Path("data/diagnostics/trajectories.parquet")
+RUNS = Path("data/runs")
+EVALS = Path("data/eval")
+FIGURES = Path("results/figures")
+PLOTS = Path("results/plots")
+# Columns the Lorenz curves need from every dump; the heatmap run is read in full.
+_LORENZ_KEYS = ["run", "method", "rank", "step", "prompt_id", "sample"]
+
+
+@dataclass(frozen=True)
+class FigureParams:
+    """The params this stage reads (params.yaml `diagnostics` and `figures`)."""
+
+    etr_uniform: float
+    etr_concentrated: float
+    heatmap_prompts: int
+    heatmap_run: str | None
+    seed: int
+    lorenz_by: str = "phase"
+
+
+def _number(section: dict, name: str, key: str) -> float:
+    value = section.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"params.yaml: {name}.{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _int(section: dict, name: str, key: str, minimum: int) -> int:
+    value = section.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"params.yaml: {name}.{key} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_params(params: dict) -> FigureParams:
+    """Validate the `diagnostics` and `figures` sections; errors (TypeError/ValueError) name the key."""
+    for name in ("diagnostics", "figures"):
+        if not isinstance(params.get(name), dict):
+            raise TypeError(f"params.yaml: section `{name}` is missing or not a mapping")
+    diag, fig = params["diagnostics"], params["figures"]
+    etr_uniform = _number(diag, "diagnostics", "etr_uniform")
+    etr_concentrated = _number(diag, "diagnostics", "etr_concentrated")
+    if not 0.0 <= etr_concentrated < etr_uniform <= 1.0:
+        raise ValueError("params.yaml: need 0 <= diagnostics.etr_concentrated < diagnostics.etr_uniform <= 1, "
+                         f"got {etr_concentrated} and {etr_uniform}")
+    run = fig.get("heatmap_run")
+    if run is not None and not isinstance(run, str):
+        raise ValueError(f"params.yaml: figures.heatmap_run must be a run id or null, got {run!r}")
+    lorenz_by = fig.get("lorenz_by", "phase")
+    if lorenz_by not in ("phase", "rank"):
+        raise ValueError(f"params.yaml: figures.lorenz_by must be 'phase' or 'rank', got {lorenz_by!r}")
+    return FigureParams(etr_uniform, etr_concentrated, _int(fig, "figures", "heatmap_prompts", 1), run,
+                        _int(fig, "figures", "seed", 0), lorenz_by)
+
+
+def _dump_paths() -> list[Path]:
+    paths = sorted(DUMPS.glob("*.parquet"))
+    if not paths:
+        raise click.ClickException(f"no token dumps found in {DUMPS}/ (expected <run>.parquet per run)")
+    return paths
+
+
+def read_lorenz_columns(paths: list[Path]) -> pd.DataFrame:
+    """Keys and normalized weights of every dump (raw saliences and token text left on disk)."""
+    frames = []
+    for path in paths:
+        names = pq.read_schema(path).names
+        frames.append(pd.read_parquet(path, columns=_LORENZ_KEYS + [n for n in names if n.startswith("w_")]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def pick_heatmap_run(dumps: pd.DataFrame, wanted: str | None) -> str:
+    """`wanted` if given, else the first ARCA run (sorted by id), else the first run."""
+    if wanted is not None:
+        return wanted
+    methods = dumps[["run", "method"]].drop_duplicates().sort_values("run")
+    arca = methods[methods["method"] == "arca"]
+    return str((arca if len(arca) else methods)["run"].iloc[0])
+
+
+def read_logs() -> pd.DataFrame:
+    """Every run's log.tsv, tagged with run id and the method, rank and seed of its budget.json."""
+    frames = []
+    for log_path in sorted(RUNS.glob("*/log.tsv")):
+        budget = json.loads((log_path.parent / "budget.json").read_text())
+        frame = pd.read_csv(log_path, sep="\t")
+        frames.append(frame.assign(run=log_path.parent.name, method=budget["method"], rank=budget["rank"],
+                                   seed=budget["seed"]))
+    if not frames:
+        raise click.ClickException(f"no training logs found at {RUNS}/<run>/log.tsv")
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_evals() -> pd.DataFrame | None:
+    """Held-out evaluation summaries (`run, pass@1`), None when no run has one yet."""
+    rows = [json.loads(p.read_text()) for p in sorted(EVALS.glob("*.json"))]
+    rows = [r for r in rows if "run" in r and "pass@1" in r]
+    return pd.DataFrame(rows)[["run", "pass@1"]] if rows else None
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def main(params_path: Path) -> None:
+    """Draw every figure of the pipeline into results/figures/ and the plots table into results/plots/."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = parse_params(yaml.safe_load(params_path.read_text()) or {})
+    except (TypeError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    if not TRAJECTORIES.is_file():
+        raise click.ClickException(f"missing {TRAJECTORIES} (run the diagnostics stage first)")
+    paths = _dump_paths()
+    dumps = read_lorenz_columns(paths)
+    traj = pd.read_parquet(TRAJECTORIES)
+    phases = traj[["run", "step", "phase"]].drop_duplicates()
+    lorenz_figure(dumps, FIGURES / "lorenz.png", by=params.lorenz_by, phases=phases)
+    regime_map(traj, FIGURES / "regime_map.png", params.etr_uniform, params.etr_concentrated, seed=params.seed)
+    training_curves(read_logs(), FIGURES / "training_curves.png", PLOTS / "training_curves.csv", read_evals())
+
+    run = pick_heatmap_run(dumps, params.heatmap_run)
+    run_paths = [p for p in paths if p.stem == run]
+    if not run_paths:
+        raise click.ClickException(f"figures.heatmap_run: no dump {DUMPS}/{run}.parquet; have "
+                                   f"{[p.stem for p in paths]}")
+    run_dump = pd.read_parquet(run_paths[0])
+    pages = heatmap_pages(run_dump, FIGURES / "heatmaps", run, max_prompts=params.heatmap_prompts,
+                          seed=params.seed)
+    heatmap_png(run_dump, FIGURES / "heatmaps.png", run, max_prompts=params.heatmap_prompts, seed=params.seed)
+    log.info("wrote figures for %d runs, %d heatmap pages of run %s", dumps["run"].nunique(), len(pages), run)
+
+
+if __name__ == "__main__":
+    main()

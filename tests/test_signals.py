@@ -1,0 +1,166 @@
+"""Signals against a plain two-forward, full-logits computation on a tiny LoRA'd Qwen3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from arca import signals as sig
+from arca.signals import SIGNAL_NAMES, compute_signals, needs_logits, needs_reference, signals_from_states
+from tests.tiny import tiny_model
+
+
+def lora_model(trained: bool = True, num_hidden_layers: int = 2):
+    # Dropout 0.5 makes any pass that forgot eval mode disagree with the manual (eval) computation.
+    config = LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.5)
+    model = get_peft_model(tiny_model(num_hidden_layers=num_hidden_layers), config)
+    if trained:  # a fresh LoRA has B = 0, so adapter on == adapter off; make them differ
+        torch.manual_seed(1)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.5)
+    return model
+
+
+def batch():
+    """Right-padded rows of different lengths: prompt of 3 tokens, then completions of 5, 2 and 0 tokens."""
+    torch.manual_seed(2)
+    lengths = [8, 5, 3]
+    input_ids = torch.randint(4, 104, (3, 8))
+    attention_mask = (torch.arange(8)[None] < torch.tensor(lengths)[:, None]).long()  # (B, L)
+    input_ids = input_ids * attention_mask  # pad id 0
+    completion_mask = attention_mask.clone()
+    completion_mask[:, :3] = 0
+    return input_ids, attention_mask, completion_mask
+
+
+def manual_signals(model, input_ids, attention_mask, completion_mask, temperature=1.0, layer=-1):
+    model.eval()
+    with torch.no_grad():
+        on = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        with model.disable_adapter():
+            off = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    logp = torch.log_softmax(on.logits[:, :-1] / temperature, -1)  # (B, L-1, V)
+    logq = torch.log_softmax(off.logits[:, :-1] / temperature, -1)
+    h_theta = -(logp.exp() * logp).sum(-1)
+    h_ref = -(logq.exp() * logq).sum(-1)
+    raw = {
+        "uniform": torch.ones_like(h_theta),
+        "surprisal": -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1),
+        "entropy": h_theta,
+        "entropy_reduction": (h_ref - h_theta).clamp_min(0),
+        "kl": (logp.exp() * (logp - logq)).sum(-1),
+        "arca": (on.hidden_states[layer] - off.hidden_states[layer])[:, :-1].norm(dim=-1),
+    }
+    mask = completion_mask[:, 1:].float()
+    return {k: torch.nn.functional.pad(v * mask, (1, 0)) for k, v in raw.items()}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_compute_signals_matches_manual(temperature):
+    model = lora_model()
+    model.train()  # LoRA dropout must be off inside; the mode must come back
+    ids, attn, comp = batch()
+    got = compute_signals(model, ids, attn, comp, temperature=temperature, chunk_tokens=4)
+    assert model.training and set(got) == set(SIGNAL_NAMES)
+    want = manual_signals(model, ids, attn, comp, temperature)
+    for name in SIGNAL_NAMES:
+        assert got[name].shape == ids.shape and got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+        assert (got[name][comp == 0] == 0).all(), name
+    assert got["kl"][comp == 1].gt(0).all() and got["arca"][comp == 1].gt(0).all()
+
+
+def test_layer_picks_hidden_state():
+    model = lora_model(num_hidden_layers=3)
+    ids, attn, comp = batch()
+    got = compute_signals(model, ids, attn, comp, layer=1, names=["arca", "kl"])
+    want = manual_signals(model, ids, attn, comp, layer=1)
+    torch.testing.assert_close(got["arca"], want["arca"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["kl"], want["kl"], atol=1e-5, rtol=1e-5)
+    final = compute_signals(model, ids, attn, comp, names=["arca"])["arca"]
+    assert not torch.allclose(got["arca"], final)
+
+
+def test_fresh_lora_has_no_residual():
+    model = lora_model(trained=False)
+    ids, attn, comp = batch()
+    got = compute_signals(model, ids, attn, comp)
+    assert (got["arca"] == 0).all()
+    assert got["kl"].abs().max() < 1e-6 and got["entropy_reduction"].abs().max() < 1e-6
+    assert got["entropy"][comp == 1].gt(0).all()
+
+
+def hidden_states_inputs(requires_grad: bool = False):
+    torch.manual_seed(3)
+    head = torch.nn.Linear(16, 50, bias=True)
+    policy = torch.randn(2, 6, 16, requires_grad=requires_grad)
+    ref = policy.detach() + 0.3 * torch.randn(2, 6, 16)
+    targets = torch.randint(0, 50, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]])
+    return targets, mask, policy, head, ref
+
+
+def test_states_logits_and_chunking_agree():
+    targets, mask, policy, head, ref = hidden_states_inputs(requires_grad=True)
+    with torch.no_grad():  # as the trainer calls it, on hooked states that require grad
+        from_hidden = signals_from_states(targets, mask, policy, head, ref, chunk_tokens=1024)
+    small = signals_from_states(targets, mask, policy, head, ref, chunk_tokens=3)
+    with torch.no_grad():
+        from_logits = signals_from_states(targets, mask, None, None, policy_logits=head(policy),
+                                          ref_logits=head(ref), ref_arca_hidden=ref, policy_arca_hidden=policy)
+    for name in SIGNAL_NAMES:
+        assert not small[name].requires_grad
+        torch.testing.assert_close(small[name], from_hidden[name], atol=1e-6, rtol=1e-6, msg=name)
+        torch.testing.assert_close(from_logits[name], from_hidden[name], atol=1e-5, rtol=1e-5, msg=name)
+        assert (from_hidden[name][mask == 0] == 0).all()
+    assert from_hidden["kl"][mask == 1].gt(0).all()
+
+
+def test_all_padding_gives_zeros():
+    targets, mask, policy, head, ref = hidden_states_inputs()
+    out = signals_from_states(targets, torch.zeros_like(mask), policy, head, ref)
+    assert all((v == 0).all() and v.shape == (2, 6) for v in out.values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"mask": torch.ones(2, 5)}, "mask"),
+        ({"ref_hidden": torch.zeros(2, 5, 16)}, "ref_hidden"),
+        ({"policy_hidden": torch.zeros(2, 6)}, "policy_hidden"),
+        ({"names": ["surprisal", "nope"]}, "names"),
+        ({"ref_hidden": None}, "ref_hidden"),
+        ({"lm_head": None, "names": ["entropy"]}, "lm_head"),
+        ({"policy_hidden": None, "names": ["entropy"]}, "policy_hidden"),
+        ({"ref_hidden": None, "ref_logits": torch.zeros(2, 6, 50), "names": ["arca"]}, "ref_hidden"),
+        ({"temperature": 0.0}, "temperature"),
+    ],
+)
+def test_states_bad_input(kwargs, argument):
+    targets, mask, policy, head, ref = hidden_states_inputs()
+    args = {"target_ids": targets, "mask": mask, "policy_hidden": policy, "lm_head": head, "ref_hidden": ref}
+    with pytest.raises(ValueError, match=argument):
+        signals_from_states(**{**args, **kwargs})
+
+
+def test_compute_bad_input():
+    ids, attn, comp = batch()
+    with pytest.raises(ValueError, match="model"):
+        compute_signals(tiny_model(), ids, attn, comp, names=["arca"])
+    policy_only = compute_signals(tiny_model(), ids, attn, comp, names=["surprisal", "uniform"])
+    assert (policy_only["uniform"] == comp).all()
+    with pytest.raises(ValueError, match="completion_mask"):
+        compute_signals(lora_model(), ids, attn, comp[:, 1:])
+    with pytest.raises(ValueError, match="layer"):
+        compute_signals(lora_model(), ids, attn, comp, layer=7)
+
+
+def test_registry_accepts_new_signal(monkeypatch):
+    monkeypatch.setattr(sig, "SIGNALS", dict(sig.SIGNALS))
+    sig.register_signal("confidence", needs_reference=False, needs_logits=True)(lambda stats: stats["logp"].exp())
+    assert needs_logits(["confidence"]) and not needs_reference(["confidence", "uniform"])
+    targets, mask, policy, head, _ = hidden_states_inputs()
+    out = signals_from_states(targets, mask, policy, head, names=["confidence", "surprisal"])
+    torch.testing.assert_close(out["confidence"], torch.exp(-out["surprisal"]) * mask)
