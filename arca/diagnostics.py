@@ -12,6 +12,7 @@ import pandas as pd
 REGIMES = ("uniform", "middle", "concentrated")
 METRICS = ("gini", "etr", "top_k_mass", "agnostic_share")
 _MIN_WIDTH = 16  # narrowest padded row in the flat-table sort; tiny rows are not worth their own bucket
+_CHUNK_TOKENS = 1 << 18  # flat-table work unit: a few MB per array, so consecutive passes hit the cache
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,7 +92,8 @@ def effective_token_ratio(weights, mask) -> np.ndarray:
 
 
 def _etr_from_sums(n: np.ndarray, total: np.ndarray, sq: np.ndarray) -> np.ndarray:
-    ok = (total > 0) & (n > 0)
+    # sq > 0 also guards weights so tiny (< 1e-154, float64 only) that their squares underflow to 0.
+    ok = (total > 0) & (n > 0) & (sq > 0)
     n_safe = np.maximum(n, 1)
     etr = np.where(ok, total**2 / (n_safe * np.where(ok, sq, 1.0)), 1.0)
     return np.clip(etr, 1.0 / n_safe, 1.0)
@@ -188,7 +190,7 @@ def agnostic_tokens(tokens: Sequence[str], formatting_tokens: Sequence[str]) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Flat per-token table: one sort of all trajectories at once, then segment sums.
+# Flat per-token table: trajectories sorted as padded rows in a few 2-D blocks, then segment sums.
 
 
 def _check_flat(traj, weights, agnostic) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -200,9 +202,8 @@ def _check_flat(traj, weights, agnostic) -> tuple[np.ndarray, np.ndarray, np.nda
         raise ValueError(f"weights: shape {w.shape} does not match traj {t.shape}")
     if w.dtype not in (np.float32, np.float64):
         w = w.astype(np.float64)
-    if not np.isfinite(w).all() or (w < 0).any():
+    if len(w) and not (w.min() >= 0 and w.max() < np.inf):  # min() is NaN if any NaN
         raise ValueError("weights: must be finite and >= 0 (drop fallback rows of raw saliences first)")
-    w = w + w.dtype.type(0)  # -0.0 -> +0.0, so it sorts with the zeros
     if agnostic is None:
         return t, w, None
     a = _to_numpy(agnostic)
@@ -215,6 +216,27 @@ def _runs(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start index and length of each run of equal consecutive ids."""
     starts = np.concatenate(([0], np.flatnonzero(t[1:] != t[:-1]) + 1))
     return starts, np.diff(np.append(starts, len(t)))
+
+
+def _grouping_order(t: np.ndarray) -> np.ndarray:
+    """A permutation that makes every id's tokens contiguous (ascending ids), by LSD radix sort.
+
+    numpy's stable argsort is a radix sort for 16-bit keys, several times faster than a comparison argsort of
+    int64; ids are offset to start at 0 (or made dense when their span is huge) and sorted 16 bits per pass,
+    so up to 65,536 distinct ids take a single pass.
+    """
+    span = int(t.max()) - int(t.min())
+    if span < 1 << 48:
+        key = (t - t.min()).astype(np.uint64)  # no overflow: span fits
+    else:
+        key = np.unique(t, return_inverse=True)[1].astype(np.uint64)
+        span = int(key.max())
+    order = None
+    for shift in range(0, max(span.bit_length(), 1), 16):
+        digit = ((key if order is None else key[order]) >> np.uint64(shift)).astype(np.uint16)  # low 16 bits
+        step = np.argsort(digit, kind="stable")
+        order = step if order is None else order[step]
+    return order
 
 
 def _row_widths(lengths: np.ndarray) -> np.ndarray:
@@ -277,11 +299,28 @@ def _segment_stats(w, agn, starts, lengths, frac) -> dict[str, np.ndarray]:
     if agn is None:
         out["agnostic_share"] = np.full(len(starts), np.nan)
     else:
-        part = np.add.reduceat(w.astype(np.float64) * agn, starts)  # order within a segment is irrelevant
+        part = np.add.reduceat(np.multiply(w, agn, dtype=np.float64), starts)  # order within a segment is irrelevant
         # Token counts only matter for all-zero trajectories (read as uniform); skip the pass otherwise.
         count = np.add.reduceat(agn, starts, dtype=np.int64) if (total <= 0).any() else np.zeros_like(total)
         out["agnostic_share"] = _share(part, total, count, lengths)
     return out
+
+
+def _chunked_stats(w, agn, starts, lengths, frac) -> dict[str, np.ndarray]:
+    """`_segment_stats` over runs of whole trajectories of about `_CHUNK_TOKENS` tokens each.
+
+    Each pass over a chunk then stays in cache; on a 10M-token table this is about 2x faster than one pass
+    over everything. The loop is over chunks (~40 for 10M tokens), never over trajectories.
+    """
+    chunk = _CHUNK_TOKENS  # read at call time so tests can shrink it
+    cuts = np.unique(np.searchsorted(starts, np.arange(chunk, len(w), chunk)))
+    bounds = np.concatenate(([0], cuts[cuts < len(starts)], [len(starts)]))  # segment index bounds
+    token_bounds = np.append(starts, len(w))[bounds]
+    parts = [
+        _segment_stats(w[lo:hi], None if agn is None else agn[lo:hi], starts[g0:g1] - lo, lengths[g0:g1], frac)
+        for g0, g1, lo, hi in zip(bounds[:-1], bounds[1:], token_bounds[:-1], token_bounds[1:], strict=True)
+    ]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def trajectory_diagnostics(
@@ -296,7 +335,9 @@ def trajectory_diagnostics(
     """Per-trajectory diagnostics of a flat per-token table (e.g. one `w_<signal>` column of a dump).
 
     Vectorized over trajectories. Tokens of one trajectory are usually contiguous (ids in any order);
-    a table whose trajectories are interleaved is first grouped by one stable argsort over `traj`.
+    a table whose trajectories are interleaved is first grouped by a radix sort over `traj` (slower, see
+    `_grouping_order`). Exact, not approximate: each trajectory is truly sorted (no packed sort keys), and
+    sums are float64, so results equal the padded `(B, T)` functions up to summation order (~1e-15).
 
     Args:
         traj: `(N,)` integer trajectory id of each token.
@@ -317,18 +358,18 @@ def trajectory_diagnostics(
     starts, lengths = _runs(t)
     ids = t[starts]
     if len(ids) > 1 and not (ids[1:] > ids[:-1]).all() and len(np.unique(ids)) < len(ids):
-        order = np.argsort(t, kind="stable")  # some trajectory is split over several runs
+        order = _grouping_order(t)  # some trajectory is split over several runs
         t, w = t[order], w[order]
         agn = None if agn is None else agn[order]
         starts, lengths = _runs(t)
         ids = t[starts]
-    stats = _segment_stats(w, agn, starts, lengths, top_frac)
+    stats = _chunked_stats(w, agn, starts, lengths, top_frac)
     table = pd.DataFrame({"traj": ids, "T": lengths, **stats})
     table["regime"] = regime(table["etr"].to_numpy(), etr_uniform, etr_concentrated)
     return table.sort_values("traj", kind="stable", ignore_index=True)
 
 
-_EMPTY_COLUMNS = {"traj": "int64", "T": "int64", **dict.fromkeys(METRICS, "float64"), "regime": "object"}
+_EMPTY_COLUMNS = {"traj": "int64", "T": "int64", **dict.fromkeys(METRICS, "float64"), "regime": "str"}
 
 
 def aggregate(
@@ -365,8 +406,6 @@ def aggregate(
         parts[f"{m}_p10"] = col.quantile(0.1)
         parts[f"{m}_p90"] = col.quantile(0.9)
     for name in REGIMES:
-        parts[f"frac_{name}"] = (
-            frame["regime"].eq(name).groupby([frame[c] for c in keys], dropna=False).mean()
-        )
+        parts[f"frac_{name}"] = frame["regime"].eq(name).groupby([frame[c] for c in keys], dropna=False).mean()
     out = pd.DataFrame(parts).reset_index()
     return out.drop(columns="_all") if not by else out

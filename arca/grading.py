@@ -10,15 +10,18 @@ Decisions (tested in tests/test_grading.py):
 - `x=3` against reference `3` is correct (math-verify's assignment rule: the right-hand side of a
   `symbol = value` prediction is compared); `3` against reference `x=3` is also correct.
 - Boxed content longer than `MAX_ANSWER_CHARS` gets 0.0 without calling sympy, and so does an answer
-  whose parsed expression holds a number beyond `MAX_DIGITS` digits (`9^{9^{9^9}}`, `(10^9)!`) or a
-  sum/product over more than `MAX_TERMS` terms: sympy would compute those exactly, for hours, inside one
-  C call that no timer interrupts. These caps (not a timer) are what bound the grading time off the
-  main thread, where math-verify's `signal.alarm` timeouts cannot be used and are switched off.
+  whose parsed expression holds a number beyond `MAX_DIGITS` digits (`9^{9^{9^9}}`, `(10^9)!`), a
+  sum/product over more than `MAX_TERMS` terms, or a power of a sum expanding to more than
+  `MAX_EXPANDED_TERMS` monomials (`(a+b+c+d+e+f)^{12}`): sympy would work on those for minutes to hours,
+  partly inside single C calls that no timer interrupts. These caps (not a timer) are what bound the
+  grading time off the main thread, where math-verify's `signal.alarm` timeouts cannot be used and are
+  switched off; they are heuristics, so a crafted answer under them may still take seconds.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from collections.abc import Sequence
@@ -39,6 +42,9 @@ MAIN_THREAD_TIMEOUT_S = 5
 MAX_DIGITS = 10_000
 # Most terms of a numeric-bounded sum or product (sympy may expand it term by term).
 MAX_TERMS = 10_000
+# Most monomials in the expansion of a power of a sum, `C(n + k - 1, k - 1)` for `(k terms)^n` (a heuristic
+# bound): sympy expands `(x+y+z)^20` (231 monomials) in about a second and `(a+b+c+d+e+f)^12` for minutes.
+MAX_EXPANDED_TERMS = 300
 _HUGE = sympy.Float(f"1e{MAX_DIGITS}")
 _TINY = sympy.Float(f"1e-{MAX_DIGITS}")
 
@@ -61,8 +67,8 @@ def extract_boxed(text: str) -> str | None:
         unterminated.
     """
     last = None
-    for last in _BOX_OPEN.finditer(text):
-        pass
+    for match in _BOX_OPEN.finditer(text):
+        last = match
     if last is None:
         return None
     start = last.end()
@@ -101,6 +107,10 @@ def _node_too_large(node: sympy.Basic) -> bool:
             if span.is_number and span.is_finite and abs(span) > MAX_TERMS:
                 return True
         return False
+    if isinstance(node, sympy.Pow) and isinstance(node.base, sympy.Add) and node.exp.is_Integer:
+        n_terms, power = len(node.base.args), abs(int(node.exp))
+        if power > MAX_EXPANDED_TERMS or math.comb(power + n_terms - 1, n_terms - 1) > MAX_EXPANDED_TERMS:
+            return True
     if isinstance(node, (sympy.Pow, Application)) and node.is_number:
         magnitude = abs(node.evalf(15))  # mpmath floats: 9**(9**9) evaluates in microseconds
         if magnitude.is_Float:
@@ -109,17 +119,21 @@ def _node_too_large(node: sympy.Basic) -> bool:
 
 
 def _too_large(parsed: list) -> bool:
-    """Whether any sympy object in a math-verify parse result breaks the size caps (iterative walk)."""
+    """Whether any sympy object in a math-verify parse result breaks the size caps.
+
+    Nodes are checked children first (reversed pre-order, iterative): evaluating `9**(9**(9**9))` before
+    its exponent would itself compute a 369-million-digit integer.
+    """
     stack = [item for item in parsed if isinstance(item, (sympy.Basic, sympy.MatrixBase))]
+    preorder = []
     while stack:
         node = stack.pop()
         if isinstance(node, sympy.MatrixBase):
             stack.extend(node)
             continue
-        if _node_too_large(node):
-            return True
+        preorder.append(node)
         stack.extend(node.args)
-    return False
+    return any(_node_too_large(node) for node in reversed(preorder))
 
 
 def math_reward(completion: str, reference: str) -> float:

@@ -242,7 +242,7 @@ def heatmap_png(
     with matplotlib.rc_context(RC), warnings.catch_warnings():
         # Tokens in scripts DejaVu Sans lacks (e.g. CJK) render as boxes; one warning per glyph is noise.
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
-        fig = Figure(figsize=(12, 2.3 * len(completions)), layout="constrained")
+        fig = Figure(figsize=(12, 0.6 + 2.2 * len(completions)), layout="constrained")
         axes = np.atleast_1d(fig.subplots(len(completions), 1))
         for ax, completion in zip(axes, completions):
             rows = completion.rows.iloc[:max_tokens]
@@ -257,7 +257,7 @@ def heatmap_png(
             reward = float(rows["reward"].iat[0])
             ax.set_title(f"run {run}, step {step}, prompt {completion.prompt_id}, sample {completion.sample}, "
                          f"reward {reward:.3g} (first {len(rows)} tokens)", parse_math=False)
-        bar = fig.colorbar(image, ax=list(axes), label="normalized weight w (log scale)", shrink=0.8)
+        bar = fig.colorbar(image, ax=list(axes), label="weight w (log scale)", shrink=0.9)
         ticks = np.arange(-LOG2_RANGE, LOG2_RANGE + 1)
         bar.set_ticks(ticks, labels=[f"{2.0**t:g}" if t >= 0 else f"1/{2.0**-t:g}" for t in ticks])
         save_png(fig, out)

@@ -9,11 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
-PROFILES = ("embedded", "hub")
+PROFILES = ("embedded", "hub", "tiny")  # tiny: a random 2-layer Qwen3 from config, for smoke tests
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -66,12 +72,17 @@ def load_base(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, quantization_config=GgufConfig(dequantize=True), dtype=dtype, **kwargs
         )
+    elif spec.profile == "tiny":
+        from arca.tiny import tiny_model, tiny_tokenizer
+
+        model, tokenizer = tiny_model().to(dtype), tiny_tokenizer()
     else:
         tokenizer = AutoTokenizer.from_pretrained(spec.hub_id)
         model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    log.info("loaded %s (%s, %.0fM params)", spec.hub_id or spec.gguf_file, dtype, model.num_parameters() / 1e6)
+    name = {"embedded": spec.gguf_file, "hub": spec.hub_id, "tiny": "tiny random Qwen3"}[spec.profile]
+    log.info("loaded %s (%s, %.1fM params)", name, dtype, model.num_parameters() / 1e6)
     return model, tokenizer
 
 

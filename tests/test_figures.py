@@ -41,9 +41,17 @@ def make_dumps(seed: int = 0) -> pd.DataFrame:
                     T = 9 + 3 * p + sample + (step // 10)
                     tokens = (NASTY + [f"t{i}" for i in range(T)])[:T]
                     reward = float((p + sample) % 2)
-                    base = {"run": run, "method": method, "rank": np.int32(rank), "seed": np.int32(run_seed),
-                            "step": np.int32(step), "prompt_id": f"math/test/{p}.json", "sample": np.int32(sample),
-                            "reward": np.float32(reward), "advantage": np.float32(reward - 0.5)}
+                    base = {
+                        "run": run,
+                        "method": method,
+                        "rank": np.int32(rank),
+                        "seed": np.int32(run_seed),
+                        "step": np.int32(step),
+                        "prompt_id": f"math/test/{p}.json",
+                        "sample": np.int32(sample),
+                        "reward": np.float32(reward),
+                        "advantage": np.float32(reward - 0.5),
+                    }
                     raw = {s: rng.gamma(0.5 + SIGNALS.index(s), size=T) for s in SIGNALS}
                     raw["uniform"] = np.ones(T)
                     if step == 0:
@@ -67,19 +75,45 @@ def make_trajectories(dumps: pd.DataFrame) -> pd.DataFrame:
         for s in SIGNALS:
             w = g[f"w_{s}"].to_numpy(np.float64)
             etr = w.sum() ** 2 / (len(w) * (w**2).sum())
-            rows.append({"run": run, "method": method, "rank": rank, "seed": 0, "step": step,
-                         "phase": "init" if step == 0 else "final", "prompt_id": prompt_id, "sample": sample,
-                         "signal": s, "over": "weight", "T": len(w), "gini": spec_gini(w), "etr": etr,
-                         "regime": "uniform" if etr >= 0.95 else "middle", "fallback": False})
+            rows.append(
+                {
+                    "run": run,
+                    "method": method,
+                    "rank": rank,
+                    "seed": 0,
+                    "step": step,
+                    "phase": "init" if step == 0 else "final",
+                    "prompt_id": prompt_id,
+                    "sample": sample,
+                    "signal": s,
+                    "over": "weight",
+                    "T": len(w),
+                    "gini": spec_gini(w),
+                    "etr": etr,
+                    "regime": "uniform" if etr >= 0.95 else "middle",
+                    "fallback": False,
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def make_logs() -> pd.DataFrame:
     steps = np.arange(0, 12, 2)
-    frames = [pd.DataFrame({"run": run, "method": m, "rank": r, "seed": s, "step": steps,
-                            "reward": np.linspace(0.1, 0.4, 6), "gini": np.linspace(0, 0.5, 6),
-                            "etr": np.linspace(1, 0.5, 6)})
-              for run, (m, r, s) in RUNS.items()]
+    frames = [
+        pd.DataFrame(
+            {
+                "run": run,
+                "method": m,
+                "rank": r,
+                "seed": s,
+                "step": steps,
+                "reward": np.linspace(0.1, 0.4, 6),
+                "gini": np.linspace(0, 0.5, 6),
+                "etr": np.linspace(1, 0.5, 6),
+            }
+        )
+        for run, (m, r, s) in RUNS.items()
+    ]
     return pd.concat(frames, ignore_index=True)  # no fallback_rate column: it is optional
 
 
@@ -138,8 +172,7 @@ def test_training_curves_png_and_csv(tmp_path):
     png, csv = training_curves(logs, tmp_path / "t.png", tmp_path / "t.csv", evals)
     first = assert_png(png)
     table = pd.read_csv(csv)
-    assert list(table.columns) == ["run", "method", "rank", "seed", "step", "reward", "gini", "etr",
-                                   "fallback_rate"]
+    assert list(table.columns) == ["run", "method", "rank", "seed", "step", "reward", "gini", "etr", "fallback_rate"]
     assert len(table) == len(logs) and table["fallback_rate"].isna().all()
     pd.testing.assert_frame_equal(table, training_table(logs), check_dtype=False)
     csv_bytes = csv.read_bytes()
@@ -181,8 +214,10 @@ def test_token_display_and_page_names():
     assert page_name("p-1") == "p-1.html"
 
 
-PARAMS = {"diagnostics": {"etr_uniform": 0.95, "etr_concentrated": 0.25},
-          "figures": {"heatmap_prompts": 2, "heatmap_run": None, "seed": 0}}
+PARAMS = {
+    "diagnostics": {"etr_uniform": 0.95, "etr_concentrated": 0.25},
+    "figures": {"heatmap_prompts": 2, "heatmap_run": None, "seed": 0},
+}
 
 
 def write_inputs(root: Path, dumps: pd.DataFrame) -> None:
@@ -193,8 +228,9 @@ def write_inputs(root: Path, dumps: pd.DataFrame) -> None:
     make_trajectories(dumps).to_parquet(root / "data/diagnostics/trajectories.parquet", index=False)
     for run, rows in make_logs().groupby("run"):
         (root / f"data/runs/{run}").mkdir(parents=True)
-        rows.drop(columns=["run", "method", "rank", "seed"]).to_csv(root / f"data/runs/{run}/log.tsv",
-                                                                    sep="\t", index=False)
+        rows.drop(columns=["run", "method", "rank", "seed"]).to_csv(
+            root / f"data/runs/{run}/log.tsv", sep="\t", index=False
+        )
         method, rank, seed = RUNS[run]
         (root / f"data/runs/{run}/budget.json").write_text(json.dumps({"method": method, "rank": rank, "seed": seed}))
     (root / "data/eval").mkdir()
@@ -217,8 +253,13 @@ def test_stage_end_to_end(dumps, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("section", "key", "value"),
-    [("diagnostics", "etr_uniform", "high"), ("diagnostics", "etr_concentrated", 0.99),
-     ("figures", "heatmap_prompts", 0), ("figures", "seed", -1), ("figures", "heatmap_run", 3)],
+    [
+        ("diagnostics", "etr_uniform", "high"),
+        ("diagnostics", "etr_concentrated", 0.99),
+        ("figures", "heatmap_prompts", 0),
+        ("figures", "seed", -1),
+        ("figures", "heatmap_run", 3),
+    ],
 )
 def test_stage_rejects_bad_params_before_reading_data(tmp_path, monkeypatch, section, key, value):
     monkeypatch.chdir(tmp_path)  # no data at all: the params error must come first

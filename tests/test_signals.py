@@ -108,8 +108,16 @@ def test_states_logits_and_chunking_agree():
         from_hidden = signals_from_states(targets, mask, policy, head, ref, chunk_tokens=1024)
     small = signals_from_states(targets, mask, policy, head, ref, chunk_tokens=3)
     with torch.no_grad():
-        from_logits = signals_from_states(targets, mask, None, None, policy_logits=head(policy),
-                                          ref_logits=head(ref), ref_arca_hidden=ref, policy_arca_hidden=policy)
+        from_logits = signals_from_states(
+            targets,
+            mask,
+            None,
+            None,
+            policy_logits=head(policy),
+            ref_logits=head(ref),
+            ref_arca_hidden=ref,
+            policy_arca_hidden=policy,
+        )
     for name in SIGNAL_NAMES:
         assert not small[name].requires_grad
         torch.testing.assert_close(small[name], from_hidden[name], atol=1e-6, rtol=1e-6, msg=name)

@@ -1,0 +1,129 @@
+"""Seeded batched generation for the probe dumps and the evaluation: chat prompts in, token tensors with
+SPEC section 1 completion masks out (tokens up to and including the first EOS)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class Rollouts:
+    """N = prompts x samples sequences, prompt left-padded to P tokens, completion right-padded.
+
+    input_ids, attention_mask, completion_mask: (N, P + C); prompt_index, sample: (N,) long.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    completion_mask: Tensor
+    prompt_index: Tensor
+    sample: Tensor
+    prompt_length: int
+    texts: list[str]
+
+
+def completion_mask_from_ids(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Tensor:
+    """(N, C) mask: 1 up to and including the first EOS, 0 after (pad may equal EOS, so ids alone can't tell)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device))
+    eos_seen_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0  # (N, C)
+    return (~eos_seen_before).long()
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict]],
+    *,
+    samples: int,
+    max_new_tokens: int,
+    greedy: bool,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    chat_template_kwargs: dict | None = None,
+) -> Rollouts:
+    """Generate `samples` completions per chat prompt (greedy or pure sampling: top_k=0, top_p=1).
+
+    The generator is re-seeded per batch from `seed`, so results do not depend on what ran before.
+    """
+    texts = [
+        tokenizer.apply_chat_template(
+            [dict(m) for m in p], tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+        )
+        for p in prompts
+    ]
+    flat = [(i, s) for i in range(len(texts)) for s in range(samples)]
+    eos_ids = _eos_ids(model, tokenizer)
+    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for start in range(0, len(flat), batch_size):
+            batch = flat[start : start + batch_size]
+            enc = tokenizer([texts[i] for i, _ in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.device)
+            torch.manual_seed(seed * 1_000_003 + start)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    do_sample=not greedy,
+                    temperature=temperature if not greedy else None,
+                    top_k=0 if not greedy else None,
+                    top_p=1.0 if not greedy else None,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=eos_ids,
+                )
+            chunks.append((enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]))
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return _assemble(chunks, flat, tokenizer, eos_ids)
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _assemble(chunks, flat, tokenizer, eos_ids) -> Rollouts:
+    """Pad every batch to one common prompt width P (left) and completion width C (right)."""
+    pad = tokenizer.pad_token_id
+    width_p = max(p.shape[1] for p, _, _ in chunks)
+    width_c = max(c.shape[1] for _, _, c in chunks)
+    ids, attn, cmask = [], [], []
+    for prompt_ids, prompt_attn, comp in chunks:
+        n = prompt_ids.shape[0]
+        lp, lc = width_p - prompt_ids.shape[1], width_c - comp.shape[1]
+        prompt_ids = torch.cat([torch.full((n, lp), pad, dtype=torch.long), prompt_ids.cpu()], dim=1)
+        prompt_attn = torch.cat([torch.zeros(n, lp, dtype=torch.long), prompt_attn.cpu()], dim=1)
+        comp = torch.cat([comp.cpu(), torch.full((n, lc), pad, dtype=torch.long)], dim=1)
+        mask_c = completion_mask_from_ids(comp, eos_ids)
+        mask_c[:, comp.shape[1] - lc :] = 0
+        ids.append(torch.cat([prompt_ids, comp], dim=1))
+        attn.append(torch.cat([prompt_attn, mask_c], dim=1))
+        cmask.append(torch.cat([torch.zeros_like(prompt_attn), mask_c], dim=1))
+    input_ids = torch.cat(ids)
+    completion_mask = torch.cat(cmask)
+    texts = [
+        tokenizer.decode(row[width_p:][m[width_p:].bool()], skip_special_tokens=True)
+        for row, m in zip(input_ids, completion_mask)
+    ]
+    return Rollouts(
+        input_ids=input_ids,
+        attention_mask=torch.cat(attn),
+        completion_mask=completion_mask,
+        prompt_index=torch.tensor([i for i, _ in flat]),
+        sample=torch.tensor([s for _, s in flat]),
+        prompt_length=width_p,
+        texts=texts,
+    )

@@ -1,0 +1,70 @@
+"""Stage `evaluate@<run>` / `evaluate_base`: held-out accuracy (pass@1 greedy, mean@k sampled) of one
+run's final adapter, or of the base model, graded by math-verify.
+
+    python -m stages.evaluate --method arca --rank 8 --seed 0     # a trained run
+    python -m stages.evaluate --base                              # the base model
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+import pandas as pd
+
+from arca.evaluation import evaluate, summarize
+from arca.io import write_json, write_parquet
+from stages.common import load_params, section
+from stages.runs import load_base_model, run_id, with_adapter
+
+OUT = Path("data/eval")
+
+
+def check(block: dict) -> None:
+    for key in ("k", "max_new_tokens", "batch_size"):
+        value = block.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "k" else 1):
+            raise ValueError(f"params.yaml: evaluate.{key} must be a {'non-negative' if key == 'k' else 'positive'} "
+                             f"int, got {value!r}")
+
+
+@click.command()
+@click.option("--method")
+@click.option("--rank", type=int)
+@click.option("--seed", type=int)
+@click.option("--base", "is_base", is_flag=True, help="evaluate the base model (no adapter)")
+@click.option("--params", "params_path", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
+def main(method: str | None, rank: int | None, seed: int | None, is_base: bool, params_path: str) -> None:
+    params = load_params(params_path)
+    block, model_params = section(params, "evaluate"), section(params, "model")
+    check(block)
+    if block.get("primary") not in (None, *section(section(params, "data"), "eval")):
+        raise ValueError(f"params.yaml: evaluate.primary must name one of data.eval's sets, got {block['primary']!r}")
+    if not is_base and None in (method, rank, seed):
+        raise click.UsageError("give --method, --rank and --seed, or --base")
+    run = "base" if is_base else run_id(method, rank, seed)
+    adapter = None if is_base else Path("data/runs") / run / "adapter"
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: no trained adapter; run `dvc repro train` first")
+    problems = pd.read_parquet("data/prepared/eval.parquet")
+    model, tokenizer = load_base_model(model_params.get("dtype", "auto"))
+    if adapter is not None:
+        model = with_adapter(model, adapter)
+    per_problem = evaluate(
+        model, tokenizer, problems, k=block["k"], max_new_tokens=block["max_new_tokens"],
+        temperature=float(block.get("temperature", 1.0)), seed=int(block.get("seed", 0)),
+        batch_size=block["batch_size"], chat_template_kwargs=model_params.get("chat_template_kwargs"),
+    )
+    summary = {"run": run, "method": "base" if is_base else method, "rank": 0 if is_base else rank,
+               "seed": -1 if is_base else seed, "k": block["k"], "sets": summarize(per_problem, block["k"])}
+    primary = block.get("primary")
+    if primary in summary["sets"]:  # the headline numbers (figures mark them on the training curves)
+        summary.update({"primary": primary, **{k: v for k, v in summary["sets"][primary].items() if k != "n"}})
+    write_parquet(OUT / f"{run}.parquet", per_problem)
+    write_json(OUT / f"{run}.json", summary)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()
