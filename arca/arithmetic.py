@@ -11,7 +11,9 @@ import pandas as pd
 OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "\\times": lambda a, b: a * b}
 
 
-def arithmetic_problems(n: int, seed: int = 0, max_operand: int = 9, operators: tuple[str, ...] = ("+",)) -> pd.DataFrame:
+def arithmetic_problems(
+    n: int, seed: int = 0, max_operand: int = 9, operators: tuple[str, ...] = ("+",)
+) -> pd.DataFrame:
     """`n` distinct problems "What is $a + b$?" with integer answers, in the normalized problem-table layout.
 
     Args:

@@ -45,12 +45,27 @@ def trajectory_table(
         for over, column in (("weight", f"w_{signal}"), ("raw", f"a_{signal}")):
             values = np.nan_to_num(dumps[column].to_numpy(np.float64), nan=0.0, posinf=0.0)
             diag = trajectory_diagnostics(
-                traj_id, values, agnostic, top_frac=top_frac,
-                etr_uniform=etr_uniform, etr_concentrated=etr_concentrated,
+                traj_id,
+                values,
+                agnostic,
+                top_frac=top_frac,
+                etr_uniform=etr_uniform,
+                etr_concentrated=etr_concentrated,
             ).drop(columns="traj")
             parts.append(pd.concat([keys, diag], axis=1).assign(signal=signal, over=over, fallback=fallback))
-    cols = [*TRAJ_KEYS, "phase", "signal", "over", "T", "gini", "etr", "top_k_mass", "agnostic_share", "regime",
-            "fallback"]
+    cols = [
+        *TRAJ_KEYS,
+        "phase",
+        "signal",
+        "over",
+        "T",
+        "gini",
+        "etr",
+        "top_k_mass",
+        "agnostic_share",
+        "regime",
+        "fallback",
+    ]
     return pd.concat(parts, ignore_index=True)[cols]
 
 
@@ -78,9 +93,16 @@ def signal_agreement(dumps: pd.DataFrame, signals: Sequence[str]) -> pd.DataFram
         g = frame.groupby(TRAJ_KEYS, sort=False, observed=True)
         for a, b in pairs:
             rho = _per_group_pearson(frame, g, a, b)
-            rows.append({"run": run, "step": int(step), "signal_a": a, "signal_b": b,
-                         "spearman_mean": float(np.nanmean(rho)) if np.isfinite(rho).any() else np.nan,
-                         "n": int(np.isfinite(rho).sum())})
+            rows.append(
+                {
+                    "run": run,
+                    "step": int(step),
+                    "signal_a": a,
+                    "signal_b": b,
+                    "spearman_mean": float(np.nanmean(rho)) if np.isfinite(rho).any() else np.nan,
+                    "n": int(np.isfinite(rho).sum()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -88,8 +110,11 @@ def _per_group_pearson(frame: pd.DataFrame, g, a: str, b: str) -> np.ndarray:
     """Pearson correlation of two rank columns within each trajectory (= Spearman on the raw values)."""
     x = frame[a] - g[a].transform("mean")
     y = frame[b] - g[b].transform("mean")
-    sums = pd.DataFrame({"xy": x * y, "xx": x * x, "yy": y * y, "k": g[a].transform("size")}).groupby(
-        g.ngroup().to_numpy()).agg({"xy": "sum", "xx": "sum", "yy": "sum", "k": "first"})
+    sums = (
+        pd.DataFrame({"xy": x * y, "xx": x * x, "yy": y * y, "k": g[a].transform("size")})
+        .groupby(g.ngroup().to_numpy())
+        .agg({"xy": "sum", "xx": "sum", "yy": "sum", "k": "first"})
+    )
     denom = np.sqrt(sums["xx"] * sums["yy"]).to_numpy()
     ok = (denom > 1e-12) & (sums["k"].to_numpy() >= 3)
     return np.where(ok, sums["xy"].to_numpy() / np.where(ok, denom, 1.0), np.nan)

@@ -21,9 +21,18 @@ from arca.signals import SIGNAL_NAMES, compute_signals
 def dump_schema(signals: Sequence[str] = SIGNAL_NAMES) -> pa.Schema:
     """The Parquet schema of SPEC section 6, column order included."""
     fields = [
-        ("run", pa.string()), ("method", pa.string()), ("rank", pa.int32()), ("seed", pa.int32()),
-        ("step", pa.int32()), ("prompt_id", pa.string()), ("sample", pa.int32()), ("pos", pa.int32()),
-        ("token_id", pa.int32()), ("token", pa.string()), ("reward", pa.float32()), ("advantage", pa.float32()),
+        ("run", pa.string()),
+        ("method", pa.string()),
+        ("rank", pa.int32()),
+        ("seed", pa.int32()),
+        ("step", pa.int32()),
+        ("prompt_id", pa.string()),
+        ("sample", pa.int32()),
+        ("pos", pa.int32()),
+        ("token_id", pa.int32()),
+        ("token", pa.string()),
+        ("reward", pa.float32()),
+        ("advantage", pa.float32()),
     ]
     for name in signals:
         fields += [(f"a_{name}", pa.float32()), (f"w_{name}", pa.float32())]
@@ -46,7 +55,12 @@ def group_advantages(rewards: Tensor, groups: Tensor) -> Tensor:
 
 
 def signal_weights(
-    model: torch.nn.Module, rollouts: Rollouts, credit: CreditConfig, signals: Sequence[str], batch_size: int = 8
+    model: torch.nn.Module,
+    rollouts: Rollouts,
+    credit: CreditConfig,
+    signals: Sequence[str],
+    batch_size: int = 8,
+    temperature: float = 1.0,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """name -> (raw saliences, normalized weights), each (N, C) over completion positions."""
     out: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in signals}
@@ -61,6 +75,7 @@ def signal_weights(
             rollouts.completion_mask[sl].to(device),
             layer=credit.layer,
             names=signals,
+            temperature=temperature,  # the sampling temperature, as TRL's log-probs and the trainer use
         )
         mask = rollouts.completion_mask[sl, p:]  # (b, C)
         for name in signals:
@@ -91,12 +106,18 @@ def token_table(
     vocab = {int(t): tokenizer.decode([int(t)]) for t in np.unique(token_ids)}
     adv = group_advantages(rewards.float(), rollouts.prompt_index)
     data: dict[str, object] = {
-        "run": meta["run"], "method": meta["method"], "rank": meta["rank"], "seed": meta["seed"],
+        "run": meta["run"],
+        "method": meta["method"],
+        "rank": meta["rank"],
+        "seed": meta["seed"],
         "step": meta["step"],
         "prompt_id": np.asarray(prompt_ids, dtype=object)[rollouts.prompt_index[row].numpy()],
-        "sample": rollouts.sample[row].numpy(), "pos": pos.numpy(), "token_id": token_ids,
+        "sample": rollouts.sample[row].numpy(),
+        "pos": pos.numpy(),
+        "token_id": token_ids,
         "token": [vocab[int(t)] for t in token_ids],
-        "reward": rewards[row].numpy(), "advantage": adv[row].numpy(),
+        "reward": rewards[row].numpy(),
+        "advantage": adv[row].numpy(),
     }
     for name, (a, w) in weights.items():
         data[f"a_{name}"] = a[row, pos].numpy()

@@ -108,8 +108,11 @@ def _float_head(lm_head: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
 
 
 def _vocab_stats(
-    sides: list[tuple[Tensor, tuple[Tensor, Tensor | None] | None]], targets: Tensor, rows: Tensor,
-    temperature: float, chunk_tokens: int,
+    sides: list[tuple[Tensor, tuple[Tensor, Tensor | None] | None]],
+    targets: Tensor,
+    rows: Tensor,
+    temperature: float,
+    chunk_tokens: int,
 ) -> dict[str, Tensor]:
     """The single float32 sweep of the vocabulary, over the valid `rows` only, `chunk_tokens` at a time.
 
@@ -118,6 +121,7 @@ def _vocab_stats(
             when head is None, else hidden states mapped to logits by head = (weight (V, H), bias (V,)).
         targets: (B*T,) token ids; rows: (N,) flat indices of the valid tokens.
     """
+
     def log_probs(states: Tensor, head: tuple[Tensor, Tensor | None] | None, idx: Tensor) -> Tensor:
         z = states[idx].float()  # (c, D)
         if head is not None:
@@ -140,8 +144,14 @@ def _vocab_stats(
     return {k: torch.cat(v) if v else empty for k, v in out.items()}
 
 
-def _validate(target_ids: Tensor, mask: Tensor, states: dict[str, Tensor | None], names: Sequence[str],
-              temperature: float, chunk_tokens: int) -> list[Signal]:
+def _validate(
+    target_ids: Tensor,
+    mask: Tensor,
+    states: dict[str, Tensor | None],
+    names: Sequence[str],
+    temperature: float,
+    chunk_tokens: int,
+) -> list[Signal]:
     if target_ids.dim() != 2:
         raise ValueError(f"target_ids: shape {tuple(target_ids.shape)} must be (B, T)")
     if mask.shape != target_ids.shape:
@@ -158,7 +168,9 @@ def _validate(target_ids: Tensor, mask: Tensor, states: dict[str, Tensor | None]
         if policy is not None and ref is not None and policy.shape != ref.shape:
             raise ValueError(f"ref_{kind}: shape {tuple(ref.shape)} does not match policy_{kind} {tuple(policy.shape)}")
         if kind == "arca_hidden" and (policy is None) != (ref is None):
-            raise ValueError(f"{'ref' if ref is None else 'policy'}_arca_hidden: pass both ARCA-layer states or neither")
+            raise ValueError(
+                f"{'ref' if ref is None else 'policy'}_arca_hidden: pass both ARCA-layer states or neither"
+            )
     signals = _lookup(names)
     refs = ("ref_hidden", "ref_logits", "ref_arca_hidden")
     if any(s.needs_reference for s in signals) and all(states[a] is None for a in refs):
@@ -166,8 +178,13 @@ def _validate(target_ids: Tensor, mask: Tensor, states: dict[str, Tensor | None]
     return signals
 
 
-def _vocab_sides(signals: list[Signal], names: Sequence[str], lm_head: torch.nn.Module | None,
-                 states: dict[str, Tensor | None], n: int) -> list[tuple[Tensor, tuple | None]]:
+def _vocab_sides(
+    signals: list[Signal],
+    names: Sequence[str],
+    lm_head: torch.nn.Module | None,
+    states: dict[str, Tensor | None],
+    n: int,
+) -> list[tuple[Tensor, tuple | None]]:
     """Which (states, head) pairs the vocab sweep needs: none, policy, or policy + reference."""
     if not any(s.needs_logits for s in signals):
         return []
@@ -189,11 +206,19 @@ def _vocab_sides(signals: list[Signal], names: Sequence[str], lm_head: torch.nn.
 
 @torch.no_grad()
 def signals_from_states(
-    target_ids: Tensor, mask: Tensor, policy_hidden: Tensor | None, lm_head: torch.nn.Module | None,
-    ref_hidden: Tensor | None = None, *,
-    policy_arca_hidden: Tensor | None = None, ref_arca_hidden: Tensor | None = None,
-    policy_logits: Tensor | None = None, ref_logits: Tensor | None = None,
-    names: Sequence[str] = SIGNAL_NAMES, temperature: float = 1.0, chunk_tokens: int = 1024,
+    target_ids: Tensor,
+    mask: Tensor,
+    policy_hidden: Tensor | None,
+    lm_head: torch.nn.Module | None,
+    ref_hidden: Tensor | None = None,
+    *,
+    policy_arca_hidden: Tensor | None = None,
+    ref_arca_hidden: Tensor | None = None,
+    policy_logits: Tensor | None = None,
+    ref_logits: Tensor | None = None,
+    names: Sequence[str] = SIGNAL_NAMES,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
 ) -> dict[str, Tensor]:
     """Signals from states already aligned with their tokens; inputs are detached, so hooked states are fine.
 
@@ -209,8 +234,14 @@ def signals_from_states(
     Returns:
         name -> (B, T) float32, exactly 0 where `mask` == 0.
     """
-    states = {"policy_hidden": policy_hidden, "ref_hidden": ref_hidden, "policy_logits": policy_logits,
-              "ref_logits": ref_logits, "policy_arca_hidden": policy_arca_hidden, "ref_arca_hidden": ref_arca_hidden}
+    states = {
+        "policy_hidden": policy_hidden,
+        "ref_hidden": ref_hidden,
+        "policy_logits": policy_logits,
+        "ref_logits": ref_logits,
+        "policy_arca_hidden": policy_arca_hidden,
+        "ref_arca_hidden": ref_arca_hidden,
+    }
     signals = _validate(target_ids, mask, states, names, temperature, chunk_tokens)
     n = target_ids.numel()
     rows = mask.reshape(-1).nonzero().squeeze(1)  # (N,) padding is never gathered
@@ -234,8 +265,9 @@ def signals_from_states(
 def _final_and_layer(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, layer: int):
     """(final hidden state, hidden state at `layer` or None if that is the final one), each (B, L, H)."""
     # logits_to_keep=1: full (B, L, V) logits are never materialized; the chunk loop rebuilds them.
-    hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                   use_cache=False, logits_to_keep=1).hidden_states  # (num_layers + 1) x (B, L, H)
+    hidden = model(
+        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False, logits_to_keep=1
+    ).hidden_states  # (num_layers + 1) x (B, L, H)
     if not -len(hidden) <= layer < len(hidden):
         raise ValueError(f"layer: {layer} is out of range for {len(hidden)} hidden states")
     return hidden[-1], None if layer % len(hidden) == len(hidden) - 1 else hidden[layer]
@@ -243,8 +275,14 @@ def _final_and_layer(model: torch.nn.Module, input_ids: Tensor, attention_mask: 
 
 @torch.no_grad()
 def compute_signals(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, layer: int = -1,
-    names: Sequence[str] = SIGNAL_NAMES, temperature: float = 1.0, chunk_tokens: int = 1024,
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    layer: int = -1,
+    names: Sequence[str] = SIGNAL_NAMES,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
 ) -> dict[str, Tensor]:
     """Run the adapter-on pass (and the adapter-off pass under `disable_adapter()` if needed) and score tokens.
 
@@ -280,8 +318,15 @@ def compute_signals(
     policy_final, policy_arca, ref_final, ref_arca = (None if x is None else x[:, :-1] for x in (*policy, *ref))
     mask = (completion_mask[:, 1:] != 0) & (attention_mask[:, 1:] != 0)  # (B, L - 1)
     out = signals_from_states(
-        input_ids[:, 1:], mask, policy_final, model.get_output_embeddings(), ref_final,
-        policy_arca_hidden=policy_arca, ref_arca_hidden=ref_arca, names=names, temperature=temperature,
+        input_ids[:, 1:],
+        mask,
+        policy_final,
+        model.get_output_embeddings(),
+        ref_final,
+        policy_arca_hidden=policy_arca,
+        ref_arca_hidden=ref_arca,
+        names=names,
+        temperature=temperature,
         chunk_tokens=chunk_tokens,
     )
     return {name: torch.nn.functional.pad(v, (1, 0)) for name, v in out.items()}  # (B, L)

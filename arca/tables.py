@@ -87,8 +87,13 @@ def to_latex(df: pd.DataFrame, caption: str) -> str:
     shown = df[[c for c in df.columns if c not in ("runs", "adapter_md5", "dump_md5", "git_rev")]]
     cols = "l" * len(shown.columns)
     lines = [
-        "\\begin{table}[t]", "\\centering", f"\\caption{{{_tex(caption)}}}", f"\\begin{{tabular}}{{{cols}}}",
-        "\\toprule", " & ".join(_tex(str(c)) for c in shown.columns) + " \\\\", "\\midrule",
+        "\\begin{table}[t]",
+        "\\centering",
+        f"\\caption{{{_tex(caption)}}}",
+        f"\\begin{{tabular}}{{{cols}}}",
+        "\\toprule",
+        " & ".join(_tex(str(c)) for c in shown.columns) + " \\\\",
+        "\\midrule",
     ]
     lines += [" & ".join(_tex(_cell(v)) for v in row) + " \\\\" for row in shown.itertuples(index=False)]
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
@@ -102,7 +107,14 @@ def _cell(value: object) -> str:
 
 
 def _tex(text: str) -> str:
-    for old, new in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
-                     ("±", "$\\pm$"), ("@", "@")):
+    for old, new in (
+        ("\\", "\\textbackslash{}"),
+        ("&", "\\&"),
+        ("%", "\\%"),
+        ("_", "\\_"),
+        ("#", "\\#"),
+        ("±", "$\\pm$"),
+        ("@", "@"),
+    ):
         text = text.replace(old, new)
     return text

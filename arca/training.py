@@ -121,6 +121,9 @@ class TrainSettings:
     gradient_accumulation_steps: int = 1
     dtype: str = "auto"
     use_vllm: bool = False
+    # Off by default: with it on, HF generation runs without a KV cache (~20x slower rollouts on CPU);
+    # the paper profile turns it on to fit long completions of a 1.7B model in GPU memory.
+    gradient_checkpointing: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -239,6 +242,7 @@ def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int |
         bf16=cuda and dtype == torch.bfloat16,  # mixed precision only on GPU; CPU runs stay float32
         fp16=cuda and dtype == torch.float16,
         use_vllm=settings.use_vllm,
+        gradient_checkpointing=settings.gradient_checkpointing,
         chat_template_kwargs=dict(settings.chat_template_kwargs) or None,
     )
 

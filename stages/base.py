@@ -1,6 +1,6 @@
 """Stage `base`: materialize the base model and tokenizer into data/models/base/.
 
-    python -m stages.base [--params params.yaml] [--out data/models/base]
+python -m stages.base [--params params.yaml] [--out data/models/base]
 """
 
 from __future__ import annotations

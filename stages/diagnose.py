@@ -53,8 +53,13 @@ def main(params_path: str) -> None:
         raise ValueError("params.yaml: diagnostics.formatting_tokens must be a list of strings")
     dumps = read_dumps()
     traj = trajectory_table(
-        dumps, SIGNAL_NAMES, tokens, eps=float(credit.get("eps", 1e-8)), top_frac=float(diag.get("top_frac", 0.05)),
-        etr_uniform=float(diag["etr_uniform"]), etr_concentrated=float(diag["etr_concentrated"]),
+        dumps,
+        SIGNAL_NAMES,
+        tokens,
+        eps=float(credit.get("eps", 1e-8)),
+        top_frac=float(diag.get("top_frac", 0.05)),
+        etr_uniform=float(diag["etr_uniform"]),
+        etr_concentrated=float(diag["etr_concentrated"]),
     )
     fallback = traj.groupby(["run", "step", "signal", "over"], sort=True)["fallback"].mean().rename("fallback_rate")
     summary = aggregate(traj, ["run", "method", "rank", "seed", "step", "phase", "signal", "over"])

@@ -34,15 +34,27 @@ def dump_run(run: str, meta: dict, params: dict) -> pd.DataFrame:
     for step, adapter_dir in snapshots(Path("data/runs") / run).items():
         model = with_adapter(base, adapter_dir)
         rollouts = generate(
-            model, tokenizer, list(probe["prompt"]), samples=dump["samples"], greedy=False,
-            max_new_tokens=train["max_completion_length"], temperature=train.get("temperature", 1.0),
-            seed=dump.get("seed", 0), batch_size=dump.get("batch_size", 16),
+            model,
+            tokenizer,
+            list(probe["prompt"]),
+            samples=dump["samples"],
+            greedy=False,
+            max_new_tokens=train["max_completion_length"],
+            temperature=train.get("temperature", 1.0),
+            seed=dump.get("seed", 0),
+            batch_size=dump.get("batch_size", 16),
             chat_template_kwargs=model_params.get("chat_template_kwargs"),
         )
         answers = list(probe["answer"])
-        rewards = torch.tensor([math_reward(t, answers[i]) for i, t in zip(rollouts.prompt_index.tolist(), rollouts.texts)])
-        weights = signal_weights(model, rollouts, credit, SIGNAL_NAMES, batch_size=dump.get("batch_size", 16))
-        tables.append(token_table(rollouts, tokenizer, list(probe["prompt_id"]), rewards, weights, {**meta, "step": step}))
+        rewards = torch.tensor(
+            [math_reward(t, answers[i]) for i, t in zip(rollouts.prompt_index.tolist(), rollouts.texts)]
+        )
+        weights = signal_weights(
+            model, rollouts, credit, SIGNAL_NAMES, dump.get("batch_size", 16), train.get("temperature", 1.0)
+        )
+        tables.append(
+            token_table(rollouts, tokenizer, list(probe["prompt_id"]), rewards, weights, {**meta, "step": step})
+        )
         log.info("%s step %d: reward %.2f, %d tokens", run, step, rewards.mean(), len(tables[-1]))
         base = model.unload()
     return pd.concat(tables, ignore_index=True)
@@ -64,9 +76,15 @@ def main(method: str, rank: int, seed: int, params_path: str) -> None:
     budget = read_json(Path("data/runs") / run / "budget.json")
     meta = {"run": run, "method": budget["method"], "rank": budget["rank"], "seed": budget["seed"]}
     df = dump_run(run, meta, params)
-    phash = params_hash(params.get("model"), params.get("train"), params.get("lora"), params.get("credit"), params.get("dump"))
-    write_parquet(Path("data/dumps") / f"{run}.parquet", df, schema=dump_schema(),
-                  metadata={"arca.schema": str(dump_schema()), "arca.params_md5": phash, "arca.run": run})
+    phash = params_hash(
+        params.get("model"), params.get("train"), params.get("lora"), params.get("credit"), params.get("dump")
+    )
+    write_parquet(
+        Path("data/dumps") / f"{run}.parquet",
+        df,
+        schema=dump_schema(),
+        metadata={"arca.schema": str(dump_schema()), "arca.params_md5": phash, "arca.run": run},
+    )
 
 
 if __name__ == "__main__":

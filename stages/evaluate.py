@@ -25,8 +25,10 @@ def check(block: dict) -> None:
     for key in ("k", "max_new_tokens", "batch_size"):
         value = block.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "k" else 1):
-            raise ValueError(f"params.yaml: evaluate.{key} must be a {'non-negative' if key == 'k' else 'positive'} "
-                             f"int, got {value!r}")
+            raise ValueError(
+                f"params.yaml: evaluate.{key} must be a {'non-negative' if key == 'k' else 'positive'} "
+                f"int, got {value!r}"
+            )
 
 
 @click.command()
@@ -52,12 +54,24 @@ def main(method: str | None, rank: int | None, seed: int | None, is_base: bool, 
     if adapter is not None:
         model = with_adapter(model, adapter)
     per_problem = evaluate(
-        model, tokenizer, problems, k=block["k"], max_new_tokens=block["max_new_tokens"],
-        temperature=float(block.get("temperature", 1.0)), seed=int(block.get("seed", 0)),
-        batch_size=block["batch_size"], chat_template_kwargs=model_params.get("chat_template_kwargs"),
+        model,
+        tokenizer,
+        problems,
+        k=block["k"],
+        max_new_tokens=block["max_new_tokens"],
+        temperature=float(block.get("temperature", 1.0)),
+        seed=int(block.get("seed", 0)),
+        batch_size=block["batch_size"],
+        chat_template_kwargs=model_params.get("chat_template_kwargs"),
     )
-    summary = {"run": run, "method": "base" if is_base else method, "rank": 0 if is_base else rank,
-               "seed": -1 if is_base else seed, "k": block["k"], "sets": summarize(per_problem, block["k"])}
+    summary = {
+        "run": run,
+        "method": "base" if is_base else method,
+        "rank": 0 if is_base else rank,
+        "seed": -1 if is_base else seed,
+        "k": block["k"],
+        "sets": summarize(per_problem, block["k"]),
+    }
     primary = block.get("primary")
     if primary in summary["sets"]:  # the headline numbers (figures mark them on the training curves)
         summary.update({"primary": primary, **{k: v for k, v in summary["sets"][primary].items() if k != "n"}})

@@ -28,8 +28,11 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 @click.option("--into", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
 def main(profile: str, into: str) -> None:
     merged = deep_merge(yaml.safe_load(Path(into).read_text()) or {}, yaml.safe_load(Path(profile).read_text()) or {})
-    write_text(into, f"# {into} with {profile} applied by `python -m stages.profile`\n"
-               + yaml.safe_dump(merged, sort_keys=False, width=110))
+    write_text(
+        into,
+        f"# {into} with {profile} applied by `python -m stages.profile`\n"
+        + yaml.safe_dump(merged, sort_keys=False, width=110),
+    )
     click.echo(f"applied {profile} to {into}; run `dvc repro` (or `dvc exp run`) next")
 
 

@@ -22,7 +22,9 @@ def run_id(method: str, rank: int, seed: int) -> str:
 
 def snapshots(run_dir: Path) -> dict[int, Path]:
     """step -> adapter snapshot directory (`adapters/step-000000` is the untrained LoRA, B = 0)."""
-    found = {int(m.group(1)): p for p in (run_dir / "adapters").glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))}
+    found = {
+        int(m.group(1)): p for p in (run_dir / "adapters").glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))
+    }
     if not found:
         raise FileNotFoundError(f"{run_dir}/adapters has no step-* snapshots; rerun the train stage for this run")
     return dict(sorted(found.items()))

@@ -25,8 +25,17 @@ def read_evals() -> pd.DataFrame:
         record = read_json(path)
         for eval_set, stats in record["sets"].items():
             mean_k = next((v for k, v in stats.items() if k.startswith("mean@")), float("nan"))
-            rows.append({"run": record["run"], "method": record["method"], "rank": record["rank"],
-                         "seed": record["seed"], "eval_set": eval_set, "pass@1": stats["pass@1"], "mean@k": mean_k})
+            rows.append(
+                {
+                    "run": record["run"],
+                    "method": record["method"],
+                    "rank": record["rank"],
+                    "seed": record["seed"],
+                    "eval_set": eval_set,
+                    "pass@1": stats["pass@1"],
+                    "mean@k": mean_k,
+                }
+            )
     if not rows:
         raise FileNotFoundError("data/eval holds no results; run the evaluate stages first")
     return pd.DataFrame(rows)
@@ -34,16 +43,24 @@ def read_evals() -> pd.DataFrame:
 
 def read_budgets() -> pd.DataFrame:
     rows = [read_json(p) | {"run": p.parent.name} for p in sorted(Path("data/runs").glob("*/budget.json"))]
-    return pd.DataFrame(rows, columns=["run", "rollouts", "generated_tokens"]) if not rows else \
-        pd.DataFrame(rows)[["run", "rollouts", "generated_tokens"]]
+    return (
+        pd.DataFrame(rows, columns=["run", "rollouts", "generated_tokens"])
+        if not rows
+        else pd.DataFrame(rows)[["run", "rollouts", "generated_tokens"]]
+    )
 
 
 def lineage(runs: list[str]) -> pd.DataFrame:
     rows = []
     for run in runs:
         adapter, dump = Path("data/runs") / run / "adapter", Path("data/dumps") / f"{run}.parquet"
-        rows.append({"run": run, "adapter_md5": dvc_md5(adapter) if adapter.is_dir() else None,
-                     "dump_md5": dvc_md5(dump) if dump.is_file() else None})
+        rows.append(
+            {
+                "run": run,
+                "adapter_md5": dvc_md5(adapter) if adapter.is_dir() else None,
+                "dump_md5": dvc_md5(dump) if dump.is_file() else None,
+            }
+        )
     return pd.DataFrame(rows, columns=["run", "adapter_md5", "dump_md5"])
 
 
@@ -63,17 +80,25 @@ def main(params_path: str) -> None:
     lin = lineage(runs)
     rev = git_revision()
     tables = {
-        "accuracy": (accuracy_table(evals, read_budgets(), lin), "Held-out accuracy per method x rank, "
-                     "mean ± std over seeds, with the rollout budget"),
-        "concentration": (concentration_table(summary, lin), "Credit-weight concentration per signal x rank x "
-                          "training phase (probe rollouts, normalized weights)"),
-        "agreement": (agreement_table(agreement, summary, lin), "Signal agreement: mean within-trajectory "
-                      "Spearman correlation of normalized weights"),
+        "accuracy": (
+            accuracy_table(evals, read_budgets(), lin),
+            "Held-out accuracy per method x rank, mean ± std over seeds, with the rollout budget",
+        ),
+        "concentration": (
+            concentration_table(summary, lin),
+            "Credit-weight concentration per signal x rank x training phase (probe rollouts, normalized weights)",
+        ),
+        "agreement": (
+            agreement_table(agreement, summary, lin),
+            "Signal agreement: mean within-trajectory Spearman correlation of normalized weights",
+        ),
     }
     for name, (df, caption) in tables.items():
         write_table(name, df.assign(git_rev=rev), caption)
-    headline = {run: {row["eval_set"]: {"pass@1": row["pass@1"], "mean@k": row["mean@k"]} for _, row in part.iterrows()}
-                for run, part in evals.groupby("run", sort=True)}
+    headline = {
+        run: {row["eval_set"]: {"pass@1": row["pass@1"], "mean@k": row["mean@k"]} for _, row in part.iterrows()}
+        for run, part in evals.groupby("run", sort=True)
+    }
     write_json("metrics/accuracy.json", headline)
 
 

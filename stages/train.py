@@ -10,6 +10,8 @@ in `arca.training`. Every param is validated before the model loads.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ TRAIN_KEYS = (
     "logging_steps",
     "gradient_accumulation_steps",
     "use_vllm",
+    "gradient_checkpointing",
 )
 # Float params, by section: YAML reads `1e-5` (no dot) as a string, so these accept numeric strings.
 FLOAT_KEYS = {
@@ -80,6 +83,19 @@ def settings_from_params(params: dict[str, Any], method: str, rank: int, seed: i
     return settings, credit
 
 
+def relaunch_under_accelerate(params: dict[str, Any]) -> None:
+    """With `train.num_processes > 1`, re-exec this very command under `accelerate launch` (TRL's own
+    multi-GPU mechanism), so dvc.yaml keeps one command for every profile."""
+    n = (params.get("train") or {}).get("num_processes", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise click.ClickException(f"params.yaml: train.num_processes must be an int >= 1, got {n!r}")
+    if n == 1 or "LOCAL_RANK" in os.environ:  # single process, or already a launched worker
+        return
+    cmd = ["accelerate", "launch", "--num_processes", str(n), "-m", "stages.train", *sys.argv[1:]]
+    logging.getLogger(__name__).info("relaunching: %s", " ".join(cmd))
+    os.execvp(cmd[0], cmd)
+
+
 @click.command()
 @click.option("--method", required=True, help="credit method, one of arca.credit_config.METHODS")
 @click.option("--rank", required=True, type=int, help="LoRA rank")
@@ -90,6 +106,7 @@ def settings_from_params(params: dict[str, Any], method: str, rank: int, seed: i
 )
 def main(method: str, rank: int, seed: int, params_path: str, out: str | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    relaunch_under_accelerate(load_params(params_path))
     out_dir = Path(out) if out else Path("data/runs") / f"{method}-r{rank}-s{seed}"
     try:
         settings, credit = settings_from_params(load_params(params_path), method, rank, seed, out_dir)

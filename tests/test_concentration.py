@@ -17,11 +17,25 @@ def _dumps() -> pd.DataFrame:
                 kl = rng.exponential(size=t)
                 arca = np.zeros(t) if step == 0 else rng.exponential(size=t)
                 for pos in range(t):
-                    rows.append({"run": "arca-r8-s0", "method": "arca", "rank": 8, "seed": 0, "step": step,
-                                 "prompt_id": prompt, "sample": sample, "pos": pos, "token": ["$", "7", " the"][pos % 3],
-                                 "a_uniform": 1.0, "w_uniform": 1.0, "a_kl": kl[pos], "w_kl": kl[pos] / kl.mean(),
-                                 "a_arca": arca[pos],
-                                 "w_arca": 1.0 if step == 0 else arca[pos] / arca.mean()})
+                    rows.append(
+                        {
+                            "run": "arca-r8-s0",
+                            "method": "arca",
+                            "rank": 8,
+                            "seed": 0,
+                            "step": step,
+                            "prompt_id": prompt,
+                            "sample": sample,
+                            "pos": pos,
+                            "token": ["$", "7", " the"][pos % 3],
+                            "a_uniform": 1.0,
+                            "w_uniform": 1.0,
+                            "a_kl": kl[pos],
+                            "w_kl": kl[pos] / kl.mean(),
+                            "a_arca": arca[pos],
+                            "w_arca": 1.0 if step == 0 else arca[pos] / arca.mean(),
+                        }
+                    )
     return pd.DataFrame(rows).sample(frac=1.0, random_state=1)  # row order must not matter
 
 
@@ -30,8 +44,13 @@ def test_trajectory_table_matches_batch_functions():
     traj = trajectory_table(dumps, SIGNALS, ["the", "$"])
     assert len(traj) == 3 * 2 * 2 * len(SIGNALS) * 2
     one = dumps[(dumps.step == 2) & (dumps.prompt_id == "p1") & (dumps["sample"] == 1)].sort_values("pos")
-    row = traj[(traj.step == 2) & (traj.prompt_id == "p1") & (traj["sample"] == 1) & (traj.signal == "kl")
-               & (traj.over == "weight")].iloc[0]
+    row = traj[
+        (traj.step == 2)
+        & (traj.prompt_id == "p1")
+        & (traj["sample"] == 1)
+        & (traj.signal == "kl")
+        & (traj.over == "weight")
+    ].iloc[0]
     w = one["w_kl"].to_numpy()[None, :]
     m = np.ones_like(w)
     np.testing.assert_allclose(row["gini"], gini(w, m)[0], rtol=1e-9)

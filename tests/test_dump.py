@@ -37,8 +37,9 @@ def test_token_table_matches_schema_and_masks():
     assert len(df) == int(rollouts.completion_mask.sum())
     table = pa.Table.from_pandas(df, schema=dump_schema(), preserve_index=False)  # raises on a type mismatch
     assert table.schema.names == dump_schema().names
-    assert df[["prompt_id", "sample", "pos"]].equals(df[["prompt_id", "sample", "pos"]].sort_values(
-        ["prompt_id", "sample", "pos"]).reset_index(drop=True))
+    assert df[["prompt_id", "sample", "pos"]].equals(
+        df[["prompt_id", "sample", "pos"]].sort_values(["prompt_id", "sample", "pos"]).reset_index(drop=True)
+    )
     per_traj = df.groupby(["prompt_id", "sample"])
     for s in SIGNAL_NAMES:  # credit-preserving: each trajectory's weights have mean 1
         np.testing.assert_allclose(per_traj[f"w_{s}"].mean().to_numpy(), 1.0, rtol=1e-5)

@@ -23,8 +23,15 @@ TINY = {
     "study": {"methods": ["uniform", "arca"], "ranks": [4], "seeds": [0]},
     "model": {"profile": "tiny", "dtype": "float32"},
     "data": {"train": {"n": 8}, "eval": {"arithmetic": {"n": 4}, "math": {"n": 2}}, "probe": {"n": 2}},
-    "train": {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 6,
-              "save_steps": 1, "logging_steps": 1, "learning_rate": 0.05},
+    "train": {
+        "max_steps": 2,
+        "prompts_per_step": 2,
+        "num_generations": 2,
+        "max_completion_length": 6,
+        "save_steps": 1,
+        "logging_steps": 1,
+        "learning_rate": 0.05,
+    },
     "dump": {"samples": 2},
     "evaluate": {"k": 1, "max_new_tokens": 6},
     "figures": {"heatmap_prompts": 2},
@@ -103,6 +110,11 @@ def test_bad_params_fail_fast_naming_the_key(repo, tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([sys.executable, "-m", "stages.dump", "--method", "arca", "--rank", "4", "--seed", "0",
-                           "--params", str(bad)], cwd=repo, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.dump", "--method", "arca", "--rank", "4", "--seed", "0", "--params", str(bad)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0 and "credit.tau" in done.stderr

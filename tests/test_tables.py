@@ -8,8 +8,17 @@ def _evals():
     for method in ("uniform", "arca"):
         for seed, acc in ((0, 0.25), (1, 0.75)):
             run = f"{method}-r8-s{seed}"
-            rows.append({"run": run, "method": method, "rank": 8, "seed": seed, "eval_set": "math",
-                         "pass@1": acc, "mean@k": acc / 2})
+            rows.append(
+                {
+                    "run": run,
+                    "method": method,
+                    "rank": 8,
+                    "seed": seed,
+                    "eval_set": "math",
+                    "pass@1": acc,
+                    "mean@k": acc / 2,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -25,12 +34,24 @@ def test_accuracy_table_mean_std_budget_and_lineage():
 
 
 def test_concentration_table_groups_by_signal_rank_phase():
-    summary = pd.DataFrame({
-        "run": ["a", "b", "a"], "step": [0, 0, 4], "phase": ["init", "init", "final"], "signal": "kl", "rank": 8,
-        "over": "weight", "gini_mean": [0.2, 0.4, 0.5], "etr_mean": [0.9, 0.7, 0.5], "top_k_mass_mean": 0.1,
-        "agnostic_share_mean": 0.3, "frac_uniform": 0.0, "frac_middle": 1.0, "frac_concentrated": 0.0,
-        "fallback_rate": 0.0,
-    })
+    summary = pd.DataFrame(
+        {
+            "run": ["a", "b", "a"],
+            "step": [0, 0, 4],
+            "phase": ["init", "init", "final"],
+            "signal": "kl",
+            "rank": 8,
+            "over": "weight",
+            "gini_mean": [0.2, 0.4, 0.5],
+            "etr_mean": [0.9, 0.7, 0.5],
+            "top_k_mass_mean": 0.1,
+            "agnostic_share_mean": 0.3,
+            "frac_uniform": 0.0,
+            "frac_middle": 1.0,
+            "frac_concentrated": 0.0,
+            "fallback_rate": 0.0,
+        }
+    )
     lineage = pd.DataFrame({"run": ["a", "b"], "dump_md5": ["x", "y"]})
     table = concentration_table(summary, lineage)
     init = table[table.phase == "init"].iloc[0]
