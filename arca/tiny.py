@@ -34,18 +34,26 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_model(vocab_size: int = 104, seed: int = 0, num_hidden_layers: int = 2) -> torch.nn.Module:
-    """A random Qwen3 with 2 layers and hidden size 32 (float32, CPU); vocab matches `tiny_tokenizer`."""
+def tiny_model(
+    vocab_size: int = 104,
+    seed: int = 0,
+    num_hidden_layers: int = 2,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    head_dim: int = 8,
+) -> torch.nn.Module:
+    """A random Qwen3 (float32, CPU), by default 2 layers of width 32 with the vocab of `tiny_tokenizer`;
+    the benches pass larger sizes."""
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
+        head_dim=head_dim,
+        max_position_embeddings=1024,
         tie_word_embeddings=False,
         pad_token_id=0,
         eos_token_id=3,

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+from transformers import PreTrainedTokenizerFast
 
 from arca.credit_config import METHODS, CreditConfig
-from arca.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
+from arca.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, tiny_model
 from arca.trainer import CreditGRPOTrainer
 from arca.training import TrainSettings, grpo_config, lora_config
 
@@ -70,22 +70,8 @@ def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
 
 
 def small_qwen3(vocab: int, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=3,
-        bos_token_id=None,
-    )
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    """Qwen3-shaped: 4 layers, hidden 256, 4 heads of 64."""
+    return tiny_model(vocab, seed, num_hidden_layers=4, hidden_size=256, intermediate_size=768, head_dim=64)
 
 
 def id_reward(completion_ids, **kwargs) -> list[float]:
