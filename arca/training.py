@@ -4,7 +4,8 @@ last checkpoint, and the run's outputs (adapter, adapter snapshots, log, budget,
 Layout of `output_dir`:
     adapter/                final adapter (PEFT format)
     adapters/step-NNNNNN/   adapter snapshots: step 0 (B = 0), every `save_steps`, and the final step
-    checkpoints/            TRL checkpoints (optimizer, scheduler, RNG) for resuming
+    checkpoints/            TRL checkpoints (optimizer, scheduler, RNG) for resuming, and snapshots/ (a copy of
+                            adapters/, restored on resume); resumed only under the same settings and code
     log.tsv                 one row per logging step, columns `LOG_COLUMNS`
     budget.json             rollouts and generated tokens, so equal budgets can be checked
     metrics.json            final summary
@@ -13,6 +14,8 @@ Layout of `output_dir`:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -271,6 +274,18 @@ def save_adapter(model: Any, dest: Path) -> None:
     """`model.save_pretrained` (adapter only for a PEFT model) into `dest`, replacing it atomically."""
     with atomic_path(dest) as tmp:
         model.save_pretrained(str(tmp))
+        _sort_target_modules(tmp / "adapter_config.json")
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """PEFT stores `target_modules` from a Python set, whose order changes with string hash randomization;
+    sort it so the same adapter gives the same bytes (and the same DVC hash) in every process."""
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ---- the run recorder -------------------------------------------------------------------------------------
@@ -309,9 +324,19 @@ class RunRecorder(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._start = time.monotonic()
         self.rows = [r for r in self.rows if r["step"] <= state.global_step]  # steps after it are redone
+        if not state.is_world_process_zero:
+            return
+        # DVC wipes non-persisted outputs before rerunning a stage: bring back the snapshots kept beside the
+        # (persisted) checkpoints, so a resumed run ends with every snapshot an uninterrupted run has.
+        kept = self.output_dir / "checkpoints" / "snapshots"
+        for saved in sorted(kept.glob("step-*")) if kept.is_dir() else ():
+            target = self.output_dir / "adapters" / saved.name
+            if int(saved.name.split("-")[1]) <= state.global_step and not target.exists():
+                with atomic_path(target) as tmp:
+                    shutil.copytree(saved, tmp)
         snapshot = self.output_dir / "adapters" / f"step-{state.global_step:06d}"
-        if state.global_step > 0 and state.is_world_process_zero and not snapshot.exists():
-            save_adapter(model, snapshot)  # the resumed checkpoint's adapter, in case adapters/ was wiped
+        if state.global_step > 0 and not snapshot.exists():
+            self.snapshot(model, state.global_step)  # the resumed checkpoint's adapter
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "reward" not in logs:  # the end-of-training summary carries no TRL metrics
@@ -328,8 +353,13 @@ class RunRecorder(TrainerCallback):
         if step == self.max_steps:
             control.should_save = True  # the final step always leaves a checkpoint, so a rerun is a no-op
         if (step % self.save_steps == 0 or step == self.max_steps) and state.is_world_process_zero:
-            save_adapter(model, self.output_dir / "adapters" / f"step-{step:06d}")
+            self.snapshot(model, step)
         return control
+
+    def snapshot(self, model: Any, step: int) -> None:
+        """Adapter at `step` into adapters/ (the DVC output) and a copy under checkpoints/ (persisted)."""
+        for root in (self.output_dir / "adapters", self.output_dir / "checkpoints" / "snapshots"):
+            save_adapter(model, root / f"step-{step:06d}")
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.trainer is not None:
@@ -383,9 +413,31 @@ def run_fingerprint(settings: TrainSettings, credit: CreditConfig, reward_funcs:
     """Everything that shapes the trained adapter (not `output_dir`), as plain JSON values."""
     settings_fields = {k: v for k, v in asdict(settings).items() if k != "output_dir"}
     rewards = [f"{f.__module__}.{f.__qualname__}" for f in reward_funcs]
+    # The code too: DVC reruns the stage when one of these modules changes, and resuming a checkpoint
+    # written by the old code would hand back the old adapter.
+    code = {name: _source_md5(name) for name in TRAINING_MODULES}
     return json.loads(
-        json.dumps({"settings": settings_fields, "credit": asdict(credit), "rewards": rewards}, default=str)
+        json.dumps(
+            {"settings": settings_fields, "credit": asdict(credit), "rewards": rewards, "code": code}, default=str
+        )
     )
+
+
+TRAINING_MODULES = (
+    "arca.trainer",
+    "arca.training",
+    "arca.credit",
+    "arca.credit_config",
+    "arca.signals",
+    "arca.grading",
+    "arca.diagnostics",
+)
+
+
+def _source_md5(module: str) -> str:
+    spec = importlib.util.find_spec(module)
+    origin = Path(spec.origin) if spec and spec.origin else None
+    return hashlib.md5(origin.read_bytes()).hexdigest() if origin and origin.is_file() else "unknown"
 
 
 def resume_point(out: Path, fingerprint: dict) -> tuple[str | None, dict[str, Any], list[dict[str, float]]]:
@@ -455,7 +507,7 @@ def run_training(
         trainer.generated_tokens = int(prior.get("generated_tokens", 0))
         step0 = out / "adapters" / "step-000000"
         if trainer.is_world_process_zero() and not step0.exists():
-            save_adapter(trainer.model, step0)  # TRL's initial adapter (B = 0): checkpoints load inside train()
+            recorder.snapshot(trainer.model, 0)  # TRL's initial adapter (B = 0): checkpoints load inside train()
         if last:
             logger.info("resuming %s from %s", out, last)
         trainer.train(resume_from_checkpoint=last)

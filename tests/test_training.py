@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import string
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -135,9 +136,24 @@ def test_outputs_determinism_and_resume(tmp_path, train_path):
     resumed_budget = json.loads((resumed.output_dir / "budget.json").read_text())
     assert resumed_budget["generated_tokens"] == budget["generated_tokens"]
 
-    # Rerunning a finished run resumes from its final checkpoint and trains nothing more.
+    # Rerunning a finished run resumes from its final checkpoint and trains nothing more; with its DVC outputs
+    # wiped first, every snapshot comes back (the dumps read the intermediate ones), not just the last.
+    shutil.rmtree(resumed.output_dir / "adapters")
     assert run(resumed)["steps"] == 4
     assert (resumed.output_dir / "adapter" / ADAPTER).read_bytes() == (out / "adapter" / ADAPTER).read_bytes()
+    for name in ("adapters/step-000000", "adapters/step-000002", "adapters/step-000004"):
+        assert (resumed.output_dir / name / ADAPTER).read_bytes() == (out / name / ADAPTER).read_bytes(), name
+
+
+def test_code_change_starts_over(tmp_path, train_path, monkeypatch):
+    """A changed training module means DVC reruns the stage; the old checkpoint must not be resumed."""
+    import arca.training as training
+
+    first = settings(tmp_path, train_path, "run", max_steps=2)
+    before = run_fingerprint(first, CreditConfig(method="arca"), [letter_reward])
+    monkeypatch.setattr(training, "_source_md5", lambda name: "edited" if name == "arca.trainer" else "same")
+    after = run_fingerprint(first, CreditConfig(method="arca"), [letter_reward])
+    assert before != after and set(after["code"]) == set(training.TRAINING_MODULES)
 
 
 def test_changed_settings_start_over(tmp_path, train_path):
@@ -251,3 +267,25 @@ def test_cli_trains_a_run(tmp_path, monkeypatch):
     budget = json.loads((out / "budget.json").read_text())
     assert (budget["method"], budget["rank"], budget["seed"], budget["rollouts"]) == ("kl", 4, 3, 8)
     assert (out / "adapter" / ADAPTER).is_file() and (out / "adapters/step-000001" / ADAPTER).is_file()
+
+
+def test_adapter_config_bytes_do_not_depend_on_hash_seed(tmp_path):
+    """target_modules comes out of a set in PEFT; two processes with different hash seeds must write the
+    same adapter_config.json."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from pathlib import Path; from peft import LoraConfig, get_peft_model;"
+        "from arca.training import save_adapter; from tests.tiny import tiny_model;"
+        "m = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules='all-linear'));"
+        "save_adapter(m, Path(sys.argv[1]))"
+    )
+    outs = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True, env=env, cwd=Path(__file__).parents[1])
+        outs.append((out / "adapter_config.json").read_bytes())
+    assert outs[0] == outs[1] == outs[2]
