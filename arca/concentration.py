@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from arca.agnostic import agnostic_tokens
 from arca.credit import degenerate_rows
-from arca.diagnostics import agnostic_tokens, trajectory_diagnostics
+from arca.diagnostics import trajectory_diagnostics
 
 TRAJ_KEYS = ["run", "method", "rank", "seed", "step", "prompt_id", "sample"]
 

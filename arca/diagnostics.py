@@ -3,7 +3,6 @@ ratio, top-k mass, agnostic share and regime, on padded batches or on the flat p
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
@@ -161,32 +160,6 @@ def regime(etr, etr_uniform: float = 0.95, etr_concentrated: float = 0.25) -> np
     e = np.asarray(_to_numpy(etr), dtype=np.float64)
     codes = np.where(e >= etr_uniform, 0, np.where(e <= etr_concentrated, 2, 1))
     return np.asarray(REGIMES, dtype=object)[codes]
-
-
-def _is_agnostic_text(text: str, formatting: frozenset[str]) -> bool:
-    # Unicode punctuation (P*) only: math symbols such as + = < > are content, `$` belongs in the list.
-    if all(ch.isspace() or unicodedata.category(ch).startswith("P") for ch in text):
-        return True
-    return text.strip().casefold() in formatting
-
-
-def agnostic_tokens(tokens: Sequence[str], formatting_tokens: Sequence[str]) -> np.ndarray:
-    """Flag task-agnostic tokens by decoded text: only whitespace/punctuation, or in the formatting list.
-
-    List entries and tokens are compared stripped and case-insensitively (`" The"` matches `"the"`). Empty
-    text counts as whitespace. Each distinct text is classified once, so long token columns are cheap.
-
-    Args:
-        tokens: `(N,)` decoded token texts.
-        formatting_tokens: formatting tokens from params (chat markers, `\\\\`, `$`, `\\\\boxed`, "the", ...).
-
-    Returns:
-        `(N,)` bool.
-    """
-    formatting = frozenset(t.strip().casefold() for t in formatting_tokens)
-    codes, uniques = pd.factorize(np.asarray(tokens, dtype=object))
-    flags = np.fromiter((_is_agnostic_text(str(u), formatting) for u in uniques), bool, len(uniques))
-    return flags[codes] if len(codes) else np.zeros(0, dtype=bool)
 
 
 # ---------------------------------------------------------------------------------------------------------

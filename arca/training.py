@@ -20,8 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,14 +30,14 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig
 
 from arca.credit_config import CreditConfig
 from arca.grading import accuracy_reward
-from arca.io import atomic_path, read_json, write_json, write_text
+from arca.io import write_json
 from arca.models import DTYPES as MODEL_DTYPES
 from arca.models import resolve_dtype
+from arca.run_files import RunRecorder, json_safe, resume_point, save_adapter
 from arca.trainer import CreditGRPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -47,28 +45,8 @@ logger = logging.getLogger(__name__)
 DTYPES = ("auto", *MODEL_DTYPES)
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's
 DATA_COLUMNS = ("prompt_id", "prompt", "answer")
-# log.tsv column -> TRL log key (frac_mixed_groups is derived from frac_reward_zero_std).
-LOG_COLUMNS: dict[str, str] = {
-    "step": "step",
-    "reward": "reward",
-    "reward_std": "reward_std",
-    "frac_mixed_groups": "frac_reward_zero_std",
-    "loss": "loss",
-    "kl": "kl",
-    "entropy": "entropy",
-    "completion_length": "completions/mean_length",
-    "gini": "credit/gini",
-    "etr": "credit/etr",
-    "frac_uniform": "credit/frac_uniform",
-    "frac_middle": "credit/frac_middle",
-    "frac_concentrated": "credit/frac_concentrated",
-    "fallback_rate": "credit/fallback_rate",
-    "max_weight": "credit/max_weight",
-}
-# log.tsv columns summarized in metrics.json over the last steps of the run.
 SUMMARY_COLUMNS = ("reward", "frac_mixed_groups", "kl", "entropy", "completion_length")
 SUMMARY_COLUMNS += ("gini", "etr", "fallback_rate", "max_weight")
-RUN_STATE = "run_state.json"  # inside each TRL checkpoint: settings fingerprint, generated tokens, wall time
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Where each setting comes from, for error messages.
@@ -262,138 +240,6 @@ def lora_config(settings: TrainSettings) -> LoraConfig:
     )
 
 
-# ---- atomic outputs ---------------------------------------------------------------------------------------
-
-
-def _json_safe(data: dict[str, Any]) -> dict[str, Any]:
-    """NaN/inf (e.g. `kl` when beta = 0) become null: strict JSON readers reject NaN."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in data.items()}
-
-
-def save_adapter(model: Any, dest: Path) -> None:
-    """`model.save_pretrained` (adapter only for a PEFT model) into `dest`, replacing it atomically."""
-    with atomic_path(dest) as tmp:
-        model.save_pretrained(str(tmp))
-        _sort_target_modules(tmp / "adapter_config.json")
-
-
-def _sort_target_modules(config_path: Path) -> None:
-    """PEFT stores `target_modules` from a Python set, whose order changes with string hash randomization;
-    sort it so the same adapter gives the same bytes (and the same DVC hash) in every process."""
-    if not config_path.is_file():
-        return
-    config = json.loads(config_path.read_text())
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-# ---- the run recorder -------------------------------------------------------------------------------------
-
-
-class RunRecorder(TrainerCallback):
-    """Writes log.tsv and the adapter snapshots during training, and into each TRL checkpoint the run state
-    (`RUN_STATE`: settings fingerprint, generated tokens, wall time) and a copy of the log, so a resumed run
-    needs nothing but its checkpoint.
-
-    Args:
-        output_dir: the run directory. save_steps, max_steps: snapshot schedule.
-        fingerprint: `run_fingerprint` of the run. prior: `RUN_STATE` of the checkpoint being resumed, if
-            any. prior_rows: that checkpoint's log rows.
-    """
-
-    def __init__(
-        self,
-        output_dir: Path,
-        save_steps: int,
-        max_steps: int,
-        fingerprint: dict[str, Any],
-        prior: dict[str, Any] | None = None,
-        prior_rows: Sequence[dict[str, float]] = (),
-    ):
-        self.output_dir = Path(output_dir)
-        self.save_steps, self.max_steps, self.fingerprint = save_steps, max_steps, fingerprint
-        self.prior_wall = float((prior or {}).get("wall_seconds", 0.0))
-        self.trainer: CreditGRPOTrainer | None = None
-        self.rows: list[dict[str, float]] = list(prior_rows)
-        self._start = time.monotonic()
-
-    def wall_seconds(self) -> float:
-        return self.prior_wall + time.monotonic() - self._start
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._start = time.monotonic()
-        self.rows = [r for r in self.rows if r["step"] <= state.global_step]  # steps after it are redone
-        if not state.is_world_process_zero:
-            return
-        # DVC wipes non-persisted outputs before rerunning a stage: bring back the snapshots kept beside the
-        # (persisted) checkpoints, so a resumed run ends with every snapshot an uninterrupted run has.
-        kept = self.output_dir / "checkpoints" / "snapshots"
-        for saved in sorted(kept.glob("step-*")) if kept.is_dir() else ():
-            target = self.output_dir / "adapters" / saved.name
-            if int(saved.name.split("-")[1]) <= state.global_step and not target.exists():
-                with atomic_path(target) as tmp:
-                    shutil.copytree(saved, tmp)
-        snapshot = self.output_dir / "adapters" / f"step-{state.global_step:06d}"
-        if state.global_step > 0 and not snapshot.exists():
-            self.snapshot(model, state.global_step)  # the resumed checkpoint's adapter
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "reward" not in logs:  # the end-of-training summary carries no TRL metrics
-            return
-        row = {col: _as_float(logs.get(key)) for col, key in LOG_COLUMNS.items()}
-        row["step"] = state.global_step
-        row["frac_mixed_groups"] = 1.0 - row["frac_mixed_groups"]
-        self.rows.append(row)
-        if state.is_world_process_zero:
-            write_log(self.output_dir / "log.tsv", self.rows)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        step = state.global_step
-        if step == self.max_steps:
-            control.should_save = True  # the final step always leaves a checkpoint, so a rerun is a no-op
-        if (step % self.save_steps == 0 or step == self.max_steps) and state.is_world_process_zero:
-            self.snapshot(model, step)
-        return control
-
-    def snapshot(self, model: Any, step: int) -> None:
-        """Adapter at `step` into adapters/ (the DVC output) and a copy under checkpoints/ (persisted)."""
-        for root in (self.output_dir / "adapters", self.output_dir / "checkpoints" / "snapshots"):
-            save_adapter(model, root / f"step-{step:06d}")
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.trainer is not None:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            run_state = {
-                "fingerprint": self.fingerprint,
-                "generated_tokens": self.trainer.generated_tokens,
-                "wall_seconds": self.wall_seconds(),
-            }
-            write_json(checkpoint / RUN_STATE, run_state)
-            write_log(checkpoint / "log.tsv", self.rows)
-
-
-def _as_float(value: Any) -> float:
-    return float("nan") if value is None else float(value)
-
-
-def write_log(path: Path, rows: Sequence[dict[str, float]]) -> None:
-    """log.tsv: a header of `LOG_COLUMNS`, then one row per logging step (`nan` where TRL logged nothing)."""
-    lines = ["\t".join(LOG_COLUMNS)]
-    for row in rows:
-        lines.append("\t".join(str(int(row[c])) if c == "step" else repr(float(row[c])) for c in LOG_COLUMNS))
-    write_text(path, "\n".join(lines) + "\n")
-
-
-def read_log(path: Path) -> list[dict[str, float]]:
-    """Rows of a log.tsv written by `write_log` (empty if there is none)."""
-    if not Path(path).is_file():
-        return []
-    header, *lines = Path(path).read_text().splitlines()
-    columns = header.split("\t")
-    return [{c: (int(v) if c == "step" else float(v)) for c, v in zip(columns, line.split("\t"))} for line in lines]
-
-
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
@@ -426,6 +272,7 @@ def run_fingerprint(settings: TrainSettings, credit: CreditConfig, reward_funcs:
 TRAINING_MODULES = (
     "arca.trainer",
     "arca.training",
+    "arca.run_files",
     "arca.credit",
     "arca.credit_config",
     "arca.signals",
@@ -438,28 +285,6 @@ def _source_md5(module: str) -> str:
     spec = importlib.util.find_spec(module)
     origin = Path(spec.origin) if spec and spec.origin else None
     return hashlib.md5(origin.read_bytes()).hexdigest() if origin and origin.is_file() else "unknown"
-
-
-def resume_point(out: Path, fingerprint: dict) -> tuple[str | None, dict[str, Any], list[dict[str, float]]]:
-    """(last checkpoint, its run state, its log rows) if the run in `out` can be resumed, else a fresh start.
-
-    A checkpoint written under other settings is never resumed: the run's partial outputs are deleted and
-    training starts over (with DVC, changed params mean a new run).
-    """
-    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
-    state = read_json(Path(last) / RUN_STATE) if last and (Path(last) / RUN_STATE).is_file() else {}
-    if last and state.get("fingerprint") == fingerprint:
-        return last, state, read_log(Path(last) / "log.tsv")
-    if last:
-        logger.warning("%s: settings changed since %s; starting the run over", out, last)
-    if int(os.environ.get("RANK", "0")) == 0:
-        for name in ("checkpoints", "adapters", "adapter", "log.tsv", "budget.json", "metrics.json"):
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    return None, {}, []
 
 
 def run_training(
@@ -529,8 +354,8 @@ def _finish(trainer: CreditGRPOTrainer, recorder: RunRecorder, settings: TrainSe
         "generated_tokens": trainer.generated_tokens,
         "wall_seconds": round(recorder.wall_seconds(), 3),
     }
-    write_json(out / "budget.json", _json_safe(budget))
-    metrics = _json_safe(summarize(recorder.rows, credit, settings, steps))
+    write_json(out / "budget.json", json_safe(budget))
+    metrics = json_safe(summarize(recorder.rows, credit, settings, steps))
     write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arca import diagnostics
+from arca.agnostic import agnostic_tokens
 from arca.diagnostics import (
     aggregate,
     agnostic_share,
-    agnostic_tokens,
     effective_token_ratio,
     gini,
     regime,

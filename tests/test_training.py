@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from arca.credit_config import CreditConfig
-from arca.training import LOG_COLUMNS, TrainSettings, read_log, resume_point, run_fingerprint, run_training
+from arca.run_files import LOG_COLUMNS, read_log, resume_point
+from arca.training import TrainSettings, run_fingerprint, run_training
 from stages.train import main as train_cli
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -278,7 +279,7 @@ def test_adapter_config_bytes_do_not_depend_on_hash_seed(tmp_path):
 
     script = (
         "import sys; from pathlib import Path; from peft import LoraConfig, get_peft_model;"
-        "from arca.training import save_adapter; from tests.tiny import tiny_model;"
+        "from arca.run_files import save_adapter; from tests.tiny import tiny_model;"
         "m = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules='all-linear'));"
         "save_adapter(m, Path(sys.argv[1]))"
     )
