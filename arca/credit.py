@@ -8,6 +8,7 @@ precision whatever the scheme.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -98,7 +99,9 @@ def _scheme_weights(a: Tensor, m: Tensor, scheme: str, tau: float) -> Tensor:
     return torch.where(m, w, 0.0)
 
 
-def _check_options(scheme: str, tau: float, eps: float, mix: float, w_max: float | None) -> None:
+def _check_options(scheme: str, tau: float, eps: float, mix: float, w_max: float | None, sharpening: float) -> None:
+    if not (math.isfinite(sharpening) and sharpening > 0):
+        raise ValueError(f"sharpening: exponent p must be finite and > 0, got {sharpening}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: unknown scheme {scheme!r}, pick one of {SCHEMES}")
     if not tau > 0:
@@ -120,11 +123,16 @@ def normalize(
     *,
     mix: float = 1.0,
     w_max: float | None = None,
+    sharpening: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Saliences -> credit weights with mean 1 per trajectory (SPEC section 3).
 
-    Order: scheme, then degenerate rows (see `degenerate_rows`) fall back to uniform, then mixing with
-    uniform, then the optional clip. Rows with no valid token get all-zero weights and no fallback flag.
+    Order: degenerate rows are found on the raw saliences (see `degenerate_rows`), then sharpening
+    `a <- (a + eps)^p` (p != 1), then the scheme, then degenerate rows fall back to uniform, then mixing
+    with uniform, then the optional clip. Rows with no valid token get all-zero weights and no fallback flag.
+    The fallback test reads the raw saliences so that an exactly-zero signal (ARCA at LoRA B = 0) falls back
+    whatever `p` is; the paper's code tests the sharpened sum instead, which differs only for rows whose raw
+    mass is between `eps * T` and about `sqrt(eps)` (see README, paper deviations).
 
     Args:
         saliences: `(B, T)` raw saliences, `>= 0` on valid tokens; NaN/inf make the row fall back.
@@ -135,15 +143,18 @@ def normalize(
         eps: degenerate-row threshold, see `degenerate_rows`.
         mix: lambda of `w <- (1 - lambda) + lambda * w`, in `[0, 1]`; 0 is vanilla GRPO.
         w_max: optional cap `>= 1`, applied last by `clip_weights`.
+        sharpening: exponent `p > 0` (SPEC 3); 1 is off, the ARCA paper's code uses 2.
 
     Returns:
         `(weights, fallback)`: `(B, T)` float32 weights summing to `T` per row, and `(B,)` bool flags.
     """
-    _check_options(scheme, tau, eps, mix, w_max)
+    _check_options(scheme, tau, eps, mix, w_max, sharpening)
     a, m = _prepare(saliences, mask)
     if bool(((a < 0) & torch.isfinite(a)).any()):
         raise ValueError("saliences: must be >= 0 on valid tokens (clamp signals such as KL at 0 first)")
     fallback = degenerate_rows(a, m, eps)  # (B,)
+    if sharpening != 1.0:
+        a = torch.where(m, (a + eps) ** sharpening, 0.0)  # (B, T)
     w = _scheme_weights(a, m, scheme, tau)  # (B, T)
     w = torch.where(fallback[:, None], m.to(torch.float64), w)  # (B, T)
     if fallback.any():

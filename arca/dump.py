@@ -80,7 +80,16 @@ def signal_weights(
         mask = rollouts.completion_mask[sl, p:]  # (b, C)
         for name in signals:
             a = raw[name][:, p:].float().cpu()  # (b, C)
-            w, _ = normalize(a, mask, credit.scheme, credit.tau, credit.eps, mix=credit.mix, w_max=credit.w_max)
+            w, _ = normalize(
+                a,
+                mask,
+                credit.scheme,
+                credit.tau,
+                credit.eps,
+                mix=credit.mix,
+                w_max=credit.w_max,
+                sharpening=credit.sharpening,
+            )
             out[name].append((a, w))
     return {name: (torch.cat([a for a, _ in v]), torch.cat([w for _, w in v])) for name, v in out.items()}
 

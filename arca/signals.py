@@ -7,27 +7,41 @@ Every vocab-level statistic is computed once, in float32 chunks over the valid t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
 from torch import Tensor
 
-SIGNAL_NAMES: tuple[str, ...] = ("uniform", "surprisal", "entropy", "entropy_reduction", "kl", "arca")
+from arca.lora_local import capture_lora_norms
+
+SIGNAL_NAMES: tuple[str, ...] = (
+    "uniform",
+    "surprisal",
+    "entropy",
+    "entropy_reduction",
+    "kl",
+    "arca",
+    "divergence",
+    "entropy_drop",
+    "arca_local",
+)
 
 
 class TokenStats(dict):
     """name -> (N,) float32 statistic over the N valid tokens, flattened in row-major (B, T) order.
 
-    Keys: `valid` (always 1), `logp` (log pi_theta(y_t)), `entropy`, `ref_entropy`, `kl`,
-    `residual_norm` (||h_theta - h_ref||_2). A signal that needs a new vocab-level statistic adds it
-    in `_vocab_stats`, so the vocabulary is still swept once.
+    Keys: `valid` (always 1), `row` (the token's row in the batch, long), `logp` (log pi_theta(y_t)),
+    `ref_logp`, `entropy`, `ref_entropy`, `kl`, `residual_norm` (||h_theta - h_ref||_2) and `lora_norm`
+    (sum over LoRA modules of ||s B A x||_2). A signal that needs a new vocab-level statistic adds it in
+    `_vocab_stats`, so the vocabulary is still swept once.
     """
 
     def __missing__(self, key: str) -> Tensor:
-        # Logit statistics are checked up front; the hidden-state one can still be missing (logits only).
-        source = "ref_hidden (or ref_arca_hidden)" if key == "residual_norm" else "the states it comes from"
-        raise ValueError(f"{source}: needed for statistic {key!r}, which was not computed")
+        # Logit statistics are checked up front; the state-based ones can still be missing.
+        sources = {"residual_norm": "ref_hidden (or ref_arca_hidden)", "lora_norm": "lora_norms"}
+        raise ValueError(f"{sources.get(key, 'the states it comes from')}: needed for statistic {key!r}, not computed")
 
 
 @dataclass(frozen=True)
@@ -35,16 +49,17 @@ class Signal:
     fn: Callable[[TokenStats], Tensor]  # stats -> (N,) salience
     needs_reference: bool  # needs the adapter-off pass
     needs_logits: bool  # needs vocab-level statistics (the LM head)
+    needs_lora: bool = False  # needs the LoRA modules' own outputs (hooks on the adapter-on pass)
 
 
 SIGNALS: dict[str, Signal] = {}
 
 
-def register_signal(name: str, *, needs_reference: bool, needs_logits: bool):
+def register_signal(name: str, *, needs_reference: bool, needs_logits: bool, needs_lora: bool = False):
     """Decorator: register `fn(stats: TokenStats) -> Tensor (N,)` under `name`."""
 
     def decorator(fn: Callable[[TokenStats], Tensor]) -> Callable[[TokenStats], Tensor]:
-        SIGNALS[name] = Signal(fn, needs_reference=needs_reference, needs_logits=needs_logits)
+        SIGNALS[name] = Signal(fn, needs_reference=needs_reference, needs_logits=needs_logits, needs_lora=needs_lora)
         return fn
 
     return decorator
@@ -80,6 +95,28 @@ def arca(stats: TokenStats) -> Tensor:
     return stats["residual_norm"]
 
 
+@register_signal("divergence", needs_reference=True, needs_logits=True)
+def divergence(stats: TokenStats) -> Tensor:
+    """The paper's policy divergence: |log pi_theta(y_t) - log pi_ref(y_t)| of the sampled token only."""
+    return (stats["logp"] - stats["ref_logp"]).abs()
+
+
+@register_signal("entropy_drop", needs_reference=False, needs_logits=True)
+def entropy_drop(stats: TokenStats) -> Tensor:
+    """The paper's temporal entropy reduction max(H_t - H_t+1, 0) along the completion; 0 on a row's last
+    valid token (t + 1 is the next valid token of the same row)."""
+    h, row = stats["entropy"], stats["row"]  # (N,), (N,) in row-major order
+    drop = torch.zeros_like(h)
+    same_row = row[1:] == row[:-1]  # (N - 1,)
+    drop[:-1] = torch.where(same_row, (h[:-1] - h[1:]).clamp_min(0.0), 0.0)
+    return drop
+
+
+@register_signal("arca_local", needs_reference=False, needs_logits=False, needs_lora=True)
+def arca_local(stats: TokenStats) -> Tensor:
+    return stats["lora_norm"]
+
+
 def _lookup(names: Iterable[str]) -> list[Signal]:
     names = list(names)
     unknown = [n for n in names if n not in SIGNALS]
@@ -96,6 +133,18 @@ def needs_reference(names: Iterable[str]) -> bool:
 def needs_logits(names: Iterable[str]) -> bool:
     """True if any named signal needs vocab-level statistics."""
     return any(s.needs_logits for s in _lookup(names))
+
+
+def needs_lora(names: Iterable[str]) -> bool:
+    """True if any named signal needs the LoRA modules' own outputs (`arca_local`)."""
+    return any(s.needs_lora for s in _lookup(names))
+
+
+def precision_sensitive(names: Iterable[str]) -> list[str]:
+    """The named signals whose value in a low-precision run must be checked against float32 (SPEC 2b): every
+    reference-comparing signal, plus `arca_local` (no cancellation, but it reads low-precision activations)."""
+    names = list(names)
+    return [n for n, s in zip(names, _lookup(names)) if s.needs_reference or s.needs_lora]
 
 
 def _flat(x: Tensor, n: int) -> Tensor:
@@ -128,7 +177,8 @@ def _vocab_stats(
             z = torch.nn.functional.linear(z, *head)  # (c, V)
         return torch.log_softmax(z / temperature, dim=-1)  # (c, V)
 
-    out: dict[str, list[Tensor]] = {k: [] for k in ("logp", "entropy", "ref_entropy", "kl")[: 2 * len(sides)]}
+    keys = ("logp", "entropy") + (("ref_logp", "ref_entropy", "kl") if len(sides) == 2 else ())
+    out: dict[str, list[Tensor]] = {k: [] for k in keys}
     for start in range(0, rows.numel(), chunk_tokens):
         idx = rows[start : start + chunk_tokens]  # (c,)
         logp = log_probs(*sides[0], idx)  # (c, V)
@@ -137,6 +187,7 @@ def _vocab_stats(
         out["entropy"].append(-(p * logp).sum(-1))
         if len(sides) == 2:
             logq = log_probs(*sides[1], idx)  # (c, V)
+            out["ref_logp"].append(logq.gather(1, targets[idx, None]).squeeze(1))
             out["ref_entropy"].append(-(logq.exp() * logq).sum(-1))
             # Exact KL(pi_theta || pi_ref) can round to -1e-7; a divergence is >= 0.
             out["kl"].append((p * (logp - logq)).sum(-1).clamp_min(0.0))
@@ -216,6 +267,7 @@ def signals_from_states(
     ref_arca_hidden: Tensor | None = None,
     policy_logits: Tensor | None = None,
     ref_logits: Tensor | None = None,
+    lora_norms: Tensor | None = None,
     names: Sequence[str] = SIGNAL_NAMES,
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
@@ -229,6 +281,7 @@ def signals_from_states(
         lm_head: H -> V module; its weight is used in float32.
         policy_arca_hidden, ref_arca_hidden: (B, T, H) states at the ARCA layer (default: the final ones).
         policy_logits, ref_logits: (B, T, V), used instead of hidden states + `lm_head` when given.
+        lora_norms: (B, T) float32 sum over LoRA modules of ||s B A x||_2 (`arca.lora_local`), for `arca_local`.
         names: registered signals to return. temperature: logits are divided by it before the softmax.
         chunk_tokens: valid tokens per float32 chunk; peak extra memory is a few x chunk_tokens x V x 4 bytes.
     Returns:
@@ -243,9 +296,18 @@ def signals_from_states(
         "ref_arca_hidden": ref_arca_hidden,
     }
     signals = _validate(target_ids, mask, states, names, temperature, chunk_tokens)
+    if lora_norms is not None and lora_norms.shape != target_ids.shape:
+        raise ValueError(f"lora_norms: shape {tuple(lora_norms.shape)} must be (B, T) = {tuple(target_ids.shape)}")
+    if lora_norms is None and any(s.needs_lora for s in signals):
+        raise ValueError(f"lora_norms: signals {list(names)} need the LoRA modules' outputs (arca.lora_local)")
     n = target_ids.numel()
     rows = mask.reshape(-1).nonzero().squeeze(1)  # (N,) padding is never gathered
-    stats = TokenStats(valid=torch.ones(rows.numel(), dtype=torch.float32, device=mask.device))
+    stats = TokenStats(
+        valid=torch.ones(rows.numel(), dtype=torch.float32, device=mask.device),
+        row=torch.div(rows, max(target_ids.shape[1], 1), rounding_mode="floor"),
+    )
+    if lora_norms is not None:
+        stats["lora_norm"] = lora_norms.detach().reshape(-1)[rows].float()
     sides = _vocab_sides(signals, names, lm_head, states, n)
     if sides:
         stats.update(_vocab_stats(sides, target_ids.reshape(-1), rows, temperature, chunk_tokens))
@@ -287,7 +349,7 @@ def compute_signals(
     """Run the adapter-on pass (and the adapter-off pass under `disable_adapter()` if needed) and score tokens.
 
     Args:
-        model: causal LM; a `peft.PeftModel` when a reference signal is requested. Its passes run in eval
+        model: causal LM; a `peft.PeftModel` when a reference or LoRA signal is requested. Its passes run in eval
             mode (no dropout); every module's train/eval mode is restored afterwards.
         input_ids, attention_mask, completion_mask: (B, L); completion_mask is 1 on scored tokens.
         layer: index into HF `hidden_states` for ARCA (-1 = final, post-norm).
@@ -299,15 +361,19 @@ def compute_signals(
     for arg, x in [("attention_mask", attention_mask), ("completion_mask", completion_mask)]:
         if input_ids.dim() != 2 or x.shape != input_ids.shape:
             raise ValueError(f"{arg}: shape {tuple(x.shape)} does not match input_ids {tuple(input_ids.shape)}")
-    use_ref = needs_reference(names)
-    if use_ref and not isinstance(model, PeftModel):
-        raise ValueError(f"model: signals {list(names)} need the adapter-off pass; wrap it with peft.get_peft_model")
+    use_ref, use_lora = needs_reference(names), needs_lora(names)
+    if (use_ref or use_lora) and not isinstance(model, PeftModel):
+        raise ValueError(f"model: signals {list(names)} need the LoRA adapter; wrap it with peft.get_peft_model")
     policy = ref = (None, None)
-    if use_ref or needs_logits(names):
+    lora_norms = None
+    if use_ref or use_lora or needs_logits(names):
         modes = {module: module.training for module in model.modules()}
         model.eval()
         try:
-            policy = _final_and_layer(model, input_ids, attention_mask, layer)
+            with capture_lora_norms(model, input_ids.shape[1] - 1) if use_lora else nullcontext() as capture:
+                policy = _final_and_layer(model, input_ids, attention_mask, layer)
+            if use_lora:
+                lora_norms = capture.norms()  # (B, L - 1), position j - 1 scores token j
             if use_ref:
                 with model.disable_adapter():
                     ref = _final_and_layer(model, input_ids, attention_mask, layer)
@@ -325,6 +391,7 @@ def compute_signals(
         ref_final,
         policy_arca_hidden=policy_arca,
         ref_arca_hidden=ref_arca,
+        lora_norms=lora_norms,
         names=names,
         temperature=temperature,
         chunk_tokens=chunk_tokens,

@@ -299,7 +299,9 @@ class CreditGRPOTrainer(GRPOTrainer):
             names=(method,),
             temperature=self.temperature,
         )[method]  # (B, T)
-        weights, fallback = normalize(saliences, mask, c.scheme, c.tau, c.eps, mix=c.mix, w_max=c.w_max)
+        weights, fallback = normalize(
+            saliences, mask, c.scheme, c.tau, c.eps, mix=c.mix, w_max=c.w_max, sharpening=c.sharpening
+        )
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)  # (B, 1)

@@ -50,7 +50,8 @@ def credit_config(params: dict[str, Any], method: str):
 
     credit = section(params, "credit")
     diag = params.get("diagnostics") or {}
-    keys = ("scheme", "tau", "mix", "w_max", "layer", "eps", "top_entropy_quantile")
+    keys = ("scheme", "tau", "mix", "w_max", "layer", "eps", "top_entropy_quantile", "sharpening", "reference")
+    keys += ("salience_dropout",)
     return CreditConfig(
         method=method,
         **{k: credit[k] for k in keys if k in credit},

@@ -43,7 +43,7 @@ TRAIN_KEYS = (
 FLOAT_KEYS = {
     "train": ("learning_rate", "beta", "temperature", "top_p"),
     "lora": ("alpha", "dropout"),
-    "credit": ("tau", "mix", "w_max", "eps", "top_entropy_quantile"),
+    "credit": ("tau", "mix", "w_max", "eps", "top_entropy_quantile", "sharpening"),
     "diagnostics": ("etr_uniform", "etr_concentrated"),
 }
 

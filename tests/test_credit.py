@@ -106,6 +106,17 @@ def test_mean_and_softmax_by_hand():
     assert w[0, 3] == 0
 
 
+def test_sharpening_is_the_papers_square_then_sum_to_t():
+    a = torch.tensor([[1.0, 3.0, 0.0, 99.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    w, fallback = normalize(a, mask, "mean", eps=1e-8, sharpening=2.0)
+    sq = (torch.tensor([1.0, 3.0, 0.0], dtype=torch.float64) + 1e-8) ** 2  # the paper: (a + 1e-8)^2 / sum
+    torch.testing.assert_close(w[0, :3], (3 * sq / sq.sum()).float())
+    assert w[0, 3] == 0 and not fallback.any()
+    zero, fallback = normalize(torch.zeros(1, 3), torch.ones(1, 3), sharpening=0.5)  # exact 0 falls back for any p
+    assert fallback.all() and (zero == 1).all()
+
+
 def test_softmax_temperature_limits():
     a = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
     mask = torch.ones_like(a, dtype=torch.bool)
@@ -198,6 +209,8 @@ def test_clip_spreads_remainder_over_zero_weights():
         ({"mix": 1.5}, "mix"),
         ({"mix": -0.1}, "mix"),
         ({"w_max": 0.9}, "w_max"),
+        ({"sharpening": 0.0}, "sharpening"),
+        ({"sharpening": float("inf")}, "sharpening"),
     ],
 )
 def test_normalize_rejects_bad_input(kwargs, name):

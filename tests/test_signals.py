@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from arca import signals as sig
 from arca.signals import SIGNAL_NAMES, compute_signals, needs_logits, needs_reference, signals_from_states
@@ -35,8 +36,29 @@ def batch():
     return input_ids, attention_mask, completion_mask
 
 
+def manual_lora_norms(model, input_ids, attention_mask):
+    """(B, L) sum over LoRA linears of ||s * B A x||, each module's product written out by hand in float64."""
+    model.eval()  # no LoRA dropout anywhere upstream
+    inputs, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "lora_A"):
+            handles.append(module.register_forward_hook(lambda m, args, out, n=name: inputs.__setitem__(n, args[0])))
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    for h in handles:
+        h.remove()
+    total = torch.zeros(input_ids.shape, dtype=torch.float64)
+    modules = dict(model.named_modules())
+    for name, x in inputs.items():
+        m = modules[name]
+        a, b = m.lora_A["default"].weight.double(), m.lora_B["default"].weight.double()
+        total += (x.double() @ a.T @ b.T * m.scaling["default"]).norm(dim=-1)
+    return total
+
+
 def manual_signals(model, input_ids, attention_mask, completion_mask, temperature=1.0, layer=-1):
     model.eval()
+    lora_norms = manual_lora_norms(model, input_ids, attention_mask)  # (B, L)
     with torch.no_grad():
         on = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         with model.disable_adapter():
@@ -52,8 +74,17 @@ def manual_signals(model, input_ids, attention_mask, completion_mask, temperatur
         "entropy_reduction": (h_ref - h_theta).clamp_min(0),
         "kl": (logp.exp() * (logp - logq)).sum(-1),
         "arca": (on.hidden_states[layer] - off.hidden_states[layer])[:, :-1].norm(dim=-1),
+        "arca_local": lora_norms[:, :-1].float(),
     }
+    logp_y, logq_y = -raw["surprisal"], logq.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    raw["divergence"] = (logp_y - logq_y).abs()
     mask = completion_mask[:, 1:].float()
+    drop = torch.zeros_like(h_theta)  # the paper's loop: H_t - H_t+1 while t + 1 is still a valid token
+    for i in range(drop.shape[0]):
+        for t in range(drop.shape[1] - 1):
+            if mask[i, t] and mask[i, t + 1]:
+                drop[i, t] = max(h_theta[i, t] - h_theta[i, t + 1], 0.0)
+    raw["entropy_drop"] = drop
     return {k: torch.nn.functional.pad(v * mask, (1, 0)) for k, v in raw.items()}
 
 
@@ -70,6 +101,26 @@ def test_compute_signals_matches_manual(temperature):
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
         assert (got[name][comp == 0] == 0).all(), name
     assert got["kl"][comp == 1].gt(0).all() and got["arca"][comp == 1].gt(0).all()
+    assert got["arca_local"][comp == 1].gt(0).all() and got["entropy_drop"].gt(0).any()
+
+
+def test_arca_local_is_the_per_module_sum_to_1e6():
+    model = lora_model()
+    ids, attn, comp = batch()
+    got = compute_signals(model, ids, attn, comp, names=["arca_local"])["arca_local"]  # (B, L)
+    want = manual_lora_norms(model, ids, attn)[:, :-1]  # position j - 1 scores token j
+    want = torch.nn.functional.pad(want * comp[:, 1:], (1, 0))
+    valid = comp == 1
+    rel = ((got[valid].double() - want[valid]).abs() / want[valid]).max()
+    assert rel < 1e-6, rel
+
+
+def test_fresh_lora_arca_local_is_exactly_zero_in_bf16():
+    model = lora_model(trained=False).to(torch.bfloat16)
+    ids, attn, comp = batch()
+    got = compute_signals(model, ids, attn, comp, names=["arca_local", "arca", "kl", "divergence"])
+    for name, values in got.items():
+        assert (values == 0).all(), name
 
 
 def test_layer_picks_hidden_state():
@@ -87,7 +138,7 @@ def test_fresh_lora_has_no_residual():
     model = lora_model(trained=False)
     ids, attn, comp = batch()
     got = compute_signals(model, ids, attn, comp)
-    assert (got["arca"] == 0).all()
+    assert (got["arca"] == 0).all() and (got["arca_local"] == 0).all() and (got["divergence"] == 0).all()
     assert got["kl"].abs().max() < 1e-6 and got["entropy_reduction"].abs().max() < 1e-6
     assert got["entropy"][comp == 1].gt(0).all()
 
@@ -104,9 +155,10 @@ def hidden_states_inputs(requires_grad: bool = False):
 
 def test_states_logits_and_chunking_agree():
     targets, mask, policy, head, ref = hidden_states_inputs(requires_grad=True)
+    lora = torch.rand(2, 6)
     with torch.no_grad():  # as the trainer calls it, on hooked states that require grad
-        from_hidden = signals_from_states(targets, mask, policy, head, ref, chunk_tokens=1024)
-    small = signals_from_states(targets, mask, policy, head, ref, chunk_tokens=3)
+        from_hidden = signals_from_states(targets, mask, policy, head, ref, lora_norms=lora, chunk_tokens=1024)
+    small = signals_from_states(targets, mask, policy, head, ref, lora_norms=lora, chunk_tokens=3)
     with torch.no_grad():
         from_logits = signals_from_states(
             targets,
@@ -117,6 +169,7 @@ def test_states_logits_and_chunking_agree():
             ref_logits=head(ref),
             ref_arca_hidden=ref,
             policy_arca_hidden=policy,
+            lora_norms=lora,
         )
     for name in SIGNAL_NAMES:
         assert not small[name].requires_grad
@@ -128,7 +181,7 @@ def test_states_logits_and_chunking_agree():
 
 def test_all_padding_gives_zeros():
     targets, mask, policy, head, ref = hidden_states_inputs()
-    out = signals_from_states(targets, torch.zeros_like(mask), policy, head, ref)
+    out = signals_from_states(targets, torch.zeros_like(mask), policy, head, ref, lora_norms=torch.ones(2, 6))
     assert all((v == 0).all() and v.shape == (2, 6) for v in out.values())
 
 
@@ -144,6 +197,8 @@ def test_all_padding_gives_zeros():
         ({"policy_hidden": None, "names": ["entropy"]}, "policy_hidden"),
         ({"ref_hidden": None, "ref_logits": torch.zeros(2, 6, 50), "names": ["arca"]}, "ref_hidden"),
         ({"temperature": 0.0}, "temperature"),
+        ({"names": ["arca_local"]}, "lora_norms"),
+        ({"names": ["arca_local"], "lora_norms": torch.ones(2, 5)}, "lora_norms"),
     ],
 )
 def test_states_bad_input(kwargs, argument):
