@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 from torch import Tensor
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from arca.lora_local import capture_lora_norms
 
@@ -151,9 +152,39 @@ def _flat(x: Tensor, n: int) -> Tensor:
     return x.detach().reshape(n, -1)  # (B*T, D): a view, so only valid rows are ever copied
 
 
+@dataclass(frozen=True)
+class LogitMap:
+    """What a model's forward does to `lm_head(h)` before it returns logits, so hidden states + head give the
+    model's own logits: `softcap * tanh(scale * z / softcap)` (Cohere's `logit_scale`, Granite's
+    `1 / logits_scaling`, Gemma-2's `final_logit_softcapping`). The sampling temperature comes after it."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, z: Tensor) -> Tensor:
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+def logit_map(model: torch.nn.Module) -> LogitMap:
+    """The `LogitMap` of an HF causal LM (PEFT-wrapped or not), read from its (text) config."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling:
+        scale /= float(scaling)
+    return LogitMap(scale=scale, softcap=getattr(config, "final_logit_softcapping", None))
+
+
 def _float_head(lm_head: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The head's weight (and bias) in float32; gathered first where DeepSpeed ZeRO-3 shards it, as TRL does."""
     bias = getattr(lm_head, "bias", None)
-    return lm_head.weight.detach().float(), None if bias is None else bias.detach().float()
+    with maybe_gather_lm_head_ctx(lm_head.weight, bias):
+        return lm_head.weight.detach().float(), None if bias is None else bias.detach().float()
 
 
 def _vocab_stats(
@@ -162,6 +193,7 @@ def _vocab_stats(
     rows: Tensor,
     temperature: float,
     chunk_tokens: int,
+    to_logits: LogitMap = LogitMap(),
 ) -> dict[str, Tensor]:
     """The single float32 sweep of the vocabulary, over the valid `rows` only, `chunk_tokens` at a time.
 
@@ -174,7 +206,7 @@ def _vocab_stats(
     def log_probs(states: Tensor, head: tuple[Tensor, Tensor | None] | None, idx: Tensor) -> Tensor:
         z = states[idx].float()  # (c, D)
         if head is not None:
-            z = torch.nn.functional.linear(z, *head)  # (c, V)
+            z = to_logits(torch.nn.functional.linear(z, *head))  # (c, V) the model's own output logits
         return torch.log_softmax(z / temperature, dim=-1)  # (c, V)
 
     keys = ("logp", "entropy") + (("ref_logp", "ref_entropy", "kl") if len(sides) == 2 else ())
@@ -268,6 +300,7 @@ def signals_from_states(
     policy_logits: Tensor | None = None,
     ref_logits: Tensor | None = None,
     lora_norms: Tensor | None = None,
+    to_logits: LogitMap = LogitMap(),
     names: Sequence[str] = SIGNAL_NAMES,
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
@@ -281,6 +314,7 @@ def signals_from_states(
         lm_head: H -> V module; its weight is used in float32.
         policy_arca_hidden, ref_arca_hidden: (B, T, H) states at the ARCA layer (default: the final ones).
         policy_logits, ref_logits: (B, T, V), used instead of hidden states + `lm_head` when given.
+        to_logits: what the model applies to `lm_head(h)` (scale, softcapping; see `logit_map`).
         lora_norms: (B, T) float32 sum over LoRA modules of ||s B A x||_2 (`arca.lora_local`), for `arca_local`.
         names: registered signals to return. temperature: logits are divided by it before the softmax.
         chunk_tokens: valid tokens per float32 chunk; peak extra memory is a few x chunk_tokens x V x 4 bytes.
@@ -310,7 +344,7 @@ def signals_from_states(
         stats["lora_norm"] = lora_norms.detach().reshape(-1)[rows].float()
     sides = _vocab_sides(signals, names, lm_head, states, n)
     if sides:
-        stats.update(_vocab_stats(sides, target_ids.reshape(-1), rows, temperature, chunk_tokens))
+        stats.update(_vocab_stats(sides, target_ids.reshape(-1), rows, temperature, chunk_tokens, to_logits))
     policy_arca = policy_arca_hidden if policy_arca_hidden is not None else policy_hidden
     ref_arca = ref_arca_hidden if ref_arca_hidden is not None else ref_hidden
     if any(s.needs_reference for s in signals) and policy_arca is not None and ref_arca is not None:
@@ -392,6 +426,7 @@ def compute_signals(
         policy_arca_hidden=policy_arca,
         ref_arca_hidden=ref_arca,
         lora_norms=lora_norms,
+        to_logits=logit_map(model),
         names=names,
         temperature=temperature,
         chunk_tokens=chunk_tokens,

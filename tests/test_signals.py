@@ -227,3 +227,43 @@ def test_registry_accepts_new_signal(monkeypatch):
     targets, mask, policy, head, _ = hidden_states_inputs()
     out = signals_from_states(targets, mask, policy, head, names=["confidence", "surprisal"])
     torch.testing.assert_close(out["confidence"], torch.exp(-out["surprisal"]) * mask)
+
+
+def _other_family(kind: str):
+    """A tiny random model of another family whose forward changes `lm_head(h)`: Gemma-2 softcapping, Cohere scale."""
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config
+
+    common = {"vocab_size": 128, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2}
+    common["num_attention_heads"] = 2
+    if kind == "gemma2":  # a small cap so it bends logits of a random model
+        config = Gemma2Config(**common, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
+        config._attn_implementation = "eager"
+    else:
+        config = CohereConfig(**common, num_key_value_heads=1, logit_scale=3.0)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere"])
+def test_vocab_signals_follow_the_models_own_logits(kind):
+    model = _other_family(kind)
+    ids, attn, comp = batch()
+    got = compute_signals(model, ids, attn, comp, temperature=0.7, chunk_tokens=4)
+    want = manual_signals(model, ids, attn, comp, temperature=0.7)  # from the model's returned logits
+    for name in ("surprisal", "entropy", "kl", "divergence", "entropy_reduction", "entropy_drop"):
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+    naive = signals_from_states(  # the head alone, without the family's output map, is measurably wrong
+        ids[:, 1:], comp[:, 1:], *_final_states(model, ids, attn), model.get_output_embeddings(), names=["entropy"]
+    )["entropy"]
+    assert (naive - got["entropy"][:, 1:]).abs().max() > 1e-3  # 100x the tolerance above
+
+
+def _final_states(model, ids, attn):
+    model.eval()
+    with torch.no_grad():
+        return (model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1][:, :-1],)
