@@ -1,18 +1,42 @@
-"""From per-token dumps to per-trajectory concentration diagnostics for every signal (SPEC section 5) and
-to signal agreement: do two signals rank the same tokens of a trajectory highest?"""
+"""From per-token dumps to per-trajectory concentration diagnostics for every signal (SPEC section 5), to
+signal agreement (do two signals rank the same tokens of a trajectory highest?) and to the precision noise of
+a low-precision run's saliences against their float32 recomputation (SPEC 2b)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from arca.agnostic import agnostic_tokens
-from arca.credit import degenerate_rows
+from arca.credit import degenerate_rows, normalize
+from arca.credit_config import CreditConfig
 from arca.diagnostics import trajectory_diagnostics
 
 TRAJ_KEYS = ["run", "method", "rank", "seed", "step", "prompt_id", "sample"]
+CHECKPOINT_KEYS = ["run", "method", "rank", "seed", "step", "phase"]
+# noise.parquet: one row per signal x run x checkpoint; `32` marks the float32 recomputation.
+NOISE_COLUMNS = {
+    **dict.fromkeys(["run", "method"], "str"),
+    **dict.fromkeys(["rank", "seed", "step"], "int32"),  # as in the dumps
+    "phase": "str",
+    "signal": "str",
+    **dict.fromkeys(["trajectories", "tokens"], "int64"),
+    **dict.fromkeys(["a_mean", "a32_mean", "noise_share", "rank_corr"], "float64"),
+    "noise_dominated": "bool",
+    **dict.fromkeys(["gini", "gini32", "etr", "etr32", "fallback_rate", "fallback_rate32"], "float64"),
+}
+
+
+def dump_signals(columns: Sequence[str]) -> list[str]:
+    """Signals with a `w_<s>` column, in column (SPEC) order."""
+    return [c.removeprefix("w_") for c in columns if c.startswith("w_")]
+
+
+def float32_signals(columns: Sequence[str]) -> list[str]:
+    """Signals with an `a32_<s>` float32 recomputation (dumps of low-precision runs only, SPEC 2b)."""
+    return [c.removeprefix("a32_") for c in columns if c.startswith("a32_")]
 
 
 def phase_of(steps: pd.Series) -> pd.Series:
@@ -36,9 +60,7 @@ def trajectory_table(
     (the trajectory's raw salience was degenerate, so its weights fell back to uniform).
     """
     dumps = dumps.sort_values([*TRAJ_KEYS, "pos"], kind="stable").reset_index(drop=True)
-    traj_id = dumps.groupby(TRAJ_KEYS, sort=False, observed=True).ngroup().to_numpy()
-    keys = dumps.loc[np.r_[0, np.flatnonzero(np.diff(traj_id)) + 1], TRAJ_KEYS].reset_index(drop=True)
-    keys["phase"] = keys.groupby("run")["step"].transform(phase_of)
+    traj_id, keys = _trajectories(dumps)
     agnostic = agnostic_tokens(dumps["token"].tolist(), formatting_tokens)
     parts = []
     for signal in signals:
@@ -70,14 +92,29 @@ def trajectory_table(
     return pd.concat(parts, ignore_index=True)[cols]
 
 
-def _fallback(traj_id: np.ndarray, raw: np.ndarray, n_traj: int, eps: float) -> np.ndarray:
-    """Degenerate-row flags via the same rule `credit.normalize` applies, on a padded (n_traj, T_max) view."""
+def _trajectories(dumps: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+    """(N,) trajectory id of every token and one key row per trajectory (TRAJ_KEYS + phase), for a table
+    sorted by TRAJ_KEYS then pos."""
+    traj_id = dumps.groupby(TRAJ_KEYS, sort=False, observed=True).ngroup().to_numpy()
+    keys = dumps.loc[np.r_[0, np.flatnonzero(np.diff(traj_id)) + 1], TRAJ_KEYS].reset_index(drop=True)
+    keys["phase"] = keys.groupby("run")["step"].transform(phase_of)
+    return traj_id, keys
+
+
+def _padded(traj_id: np.ndarray, values: np.ndarray, n_traj: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A (n_traj, T_max) view of contiguous trajectories: (padded values, 0/1 mask, (N,) position of each token)."""
     lengths = np.bincount(traj_id, minlength=n_traj)
     pos = np.arange(len(traj_id)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     padded = np.zeros((n_traj, max(int(lengths.max()), 1)))
     mask = np.zeros_like(padded)
-    padded[traj_id, pos] = raw
+    padded[traj_id, pos] = values
     mask[traj_id, pos] = 1
+    return padded, mask, pos
+
+
+def _fallback(traj_id: np.ndarray, raw: np.ndarray, n_traj: int, eps: float) -> np.ndarray:
+    """Degenerate-row flags via the same rule `credit.normalize` applies, on a padded (n_traj, T_max) view."""
+    padded, mask, _ = _padded(traj_id, raw, n_traj)
     return degenerate_rows(padded, mask, eps).numpy()
 
 
@@ -119,3 +156,113 @@ def _per_group_pearson(frame: pd.DataFrame, g, a: str, b: str) -> np.ndarray:
     denom = np.sqrt(sums["xx"] * sums["yy"]).to_numpy()
     ok = (denom > 1e-12) & (sums["k"].to_numpy() >= 3)
     return np.where(ok, sums["xy"].to_numpy() / np.where(ok, denom, 1.0), np.nan)
+
+
+def within_spearman(traj_id: np.ndarray, x: np.ndarray, y: np.ndarray, n_traj: int) -> np.ndarray:
+    """(n_traj,) Spearman correlation of `x` with `y` within each trajectory (average ranks for ties), NaN for
+    a trajectory with fewer than 2 tokens or constant in either; the rule of `arca.precision.rank_correlation`.
+
+    Args:
+        traj_id: (N,) trajectory id in [0, n_traj) of every token; x, y: (N,) values.
+    """
+    frame = pd.DataFrame({"t": traj_id, "x": x, "y": y})
+    grouped = frame.groupby("t", sort=False)
+    rx = grouped["x"].rank(method="average").to_numpy()  # (N,) 1-based ranks within the trajectory
+    ry = grouped["y"].rank(method="average").to_numpy()
+    k = np.bincount(traj_id, minlength=n_traj)  # (G,)
+    size = np.maximum(k, 1)
+    cx = rx - (np.bincount(traj_id, rx, n_traj) / size)[traj_id]  # centred ranks
+    cy = ry - (np.bincount(traj_id, ry, n_traj) / size)[traj_id]
+    xy, xx, yy = (np.bincount(traj_id, v, n_traj) for v in (cx * cy, cx * cx, cy * cy))
+    denom = np.sqrt(xx * yy)
+    ok = (k >= 2) & (denom > 0)  # ranks are multiples of 1/2, so a constant row centres to exactly 0
+    return np.where(ok, xy / np.where(ok, denom, 1.0), np.nan)
+
+
+def noise_table(dumps: pd.DataFrame, credit: Mapping[str, CreditConfig]) -> pd.DataFrame:
+    """Precision noise (SPEC 2b) per signal x run x checkpoint, for every signal with `a32_<s>` columns.
+
+    `noise_share` = ||a - a32|| / ||a32|| over the checkpoint's valid tokens (0 if both are all zero, inf if
+    only a32 is), `rank_corr` = mean within-trajectory Spearman of a with a32 (`within_spearman`),
+    `noise_dominated` = noise_share >= 1. `gini`/`etr`/`fallback_rate` are the trajectory means of the dumped
+    weights `w_<s>`; the `32` columns the same for a32 normalized with the run's credit params
+    (`credit[method]`), so the two concentrations sit side by side. Runs without a32 values are left out;
+    no `a32_` column at all gives an empty table with `NOISE_COLUMNS`.
+    """
+    parts = []
+    for signal in float32_signals(dumps.columns):
+        has = dumps[f"a32_{signal}"].notna().groupby(dumps["run"]).transform("any")  # runs that recomputed it
+        rows = dumps[has.to_numpy()].sort_values([*TRAJ_KEYS, "pos"], kind="stable").reset_index(drop=True)
+        if len(rows):
+            parts.append(_signal_noise(rows, signal, credit))
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=d) for c, d in NOISE_COLUMNS.items()})
+    out = pd.concat(parts, ignore_index=True)[list(NOISE_COLUMNS)]
+    return out.sort_values(["run", "step", "signal"], kind="stable", ignore_index=True).astype(NOISE_COLUMNS)
+
+
+def _signal_noise(rows: pd.DataFrame, signal: str, credit: Mapping[str, CreditConfig]) -> pd.DataFrame:
+    """`noise_table` for one signal over rows sorted by TRAJ_KEYS then pos."""
+    traj_id, keys = _trajectories(rows)
+    n_traj = len(keys)
+    ckpt_of_traj = keys.groupby(["run", "step"], sort=True).ngroup().to_numpy()  # (G,)
+    ckpt = ckpt_of_traj[traj_id]  # (N,) checkpoint of every token
+    n_ckpt = int(ckpt_of_traj.max()) + 1
+    a = rows[f"a_{signal}"].to_numpy(np.float64)  # (N,)
+    a32 = rows[f"a32_{signal}"].to_numpy(np.float64)
+    # np.bincount propagates NaN (a pandas sum would skip it), as the torch reference does.
+    diff = np.sqrt(np.bincount(ckpt, (a - a32) ** 2, n_ckpt))
+    ref = np.sqrt(np.bincount(ckpt, a32**2, n_ckpt))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(ref > 0, diff / ref, np.where(diff == 0, 0.0, np.inf))
+    share = np.where(np.isnan(diff) | np.isnan(ref), np.nan, share)
+    w = np.nan_to_num(rows[f"w_{signal}"].to_numpy(np.float64), nan=0.0, posinf=0.0)
+    w32, fallback, fallback32 = _normalized_pair(traj_id, a, a32, keys["method"].to_numpy(), credit)
+    per_traj = {
+        "rank_corr": within_spearman(traj_id, a, a32, n_traj),
+        "fallback_rate": fallback.astype(np.float64),
+        "fallback_rate32": fallback32.astype(np.float64),
+    }
+    for suffix, weights in (("", w), ("32", w32)):
+        diag = trajectory_diagnostics(traj_id, weights)  # sorted by traj = 0 .. n_traj - 1
+        per_traj[f"gini{suffix}"], per_traj[f"etr{suffix}"] = diag["gini"].to_numpy(), diag["etr"].to_numpy()
+    first = np.unique(ckpt_of_traj, return_index=True)[1]  # first trajectory of every checkpoint
+    out = keys.loc[first, CHECKPOINT_KEYS].reset_index(drop=True).assign(signal=signal)
+    out["trajectories"] = np.bincount(ckpt_of_traj, minlength=n_ckpt)
+    out["tokens"] = np.bincount(ckpt, minlength=n_ckpt)
+    out["a_mean"] = np.bincount(ckpt, a, n_ckpt) / out["tokens"]
+    out["a32_mean"] = np.bincount(ckpt, a32, n_ckpt) / out["tokens"]
+    out["noise_share"] = share
+    out["noise_dominated"] = share >= 1.0
+    for name, values in per_traj.items():
+        out[name] = _nanmean_by(ckpt_of_traj, values, n_ckpt)
+    return out
+
+
+def _normalized_pair(
+    traj_id: np.ndarray, a: np.ndarray, a32: np.ndarray, method: np.ndarray, credit: Mapping[str, CreditConfig]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """((N,) a32 normalized with each trajectory's run credit params, (G,) fallback flags of a, of a32)."""
+    n_traj = len(method)
+    raw, mask, pos = _padded(traj_id, a, n_traj)
+    raw32, _, _ = _padded(traj_id, a32, n_traj)
+    w32 = np.zeros((n_traj, raw.shape[1]), dtype=np.float32)
+    fallback, fallback32 = np.zeros(n_traj, dtype=bool), np.zeros(n_traj, dtype=bool)
+    for name in np.unique(method):  # one pass per training method (a handful), never per trajectory
+        if name not in credit:
+            raise KeyError(f"credit: no CreditConfig for method {name!r} (have {sorted(credit)})")
+        c, sel = credit[name], method == name
+        fallback[sel] = degenerate_rows(raw[sel], mask[sel], c.eps).numpy()
+        w, fb = normalize(
+            raw32[sel], mask[sel], c.scheme, c.tau, c.eps, mix=c.mix, w_max=c.w_max, sharpening=c.sharpening
+        )
+        w32[sel], fallback32[sel] = w.numpy(), fb.numpy()
+    return w32[traj_id, pos].astype(np.float64), fallback, fallback32
+
+
+def _nanmean_by(group: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
+    """(n_groups,) mean of the finite `values` of each group, NaN where a group has none."""
+    ok = np.isfinite(values)
+    count = np.bincount(group[ok], minlength=n_groups)
+    total = np.bincount(group[ok], values[ok], n_groups)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)

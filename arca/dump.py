@@ -1,5 +1,10 @@
 """Per-token credit dumps (SPEC section 6): every signal, raw and normalized, on the same probe rollouts,
-whatever method the run was trained with, so signals can be compared token by token."""
+whatever method the run was trained with, so signals can be compared token by token.
+
+A run whose dtype is not float32 also gets `a32_<s>` columns (SPEC 2b): every precision-sensitive signal
+recomputed with the weights upcast to float32 on the same rollouts and checkpoint, so the diagnostics can
+tell signal from rounding noise. A float32 run has no `a32_` columns (its `a_` already is the float32 value).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +19,19 @@ from transformers import PreTrainedTokenizerBase
 
 from arca.credit import normalize
 from arca.credit_config import CreditConfig
+from arca.precision import float32_weights
 from arca.rollouts import Rollouts
-from arca.signals import SIGNAL_NAMES, compute_signals
+from arca.signals import SIGNAL_NAMES, compute_signals, precision_sensitive
 
 
-def dump_schema(signals: Sequence[str] = SIGNAL_NAMES) -> pa.Schema:
-    """The Parquet schema of SPEC section 6, column order included."""
+def dump_schema(signals: Sequence[str] = SIGNAL_NAMES, float32_signals: Sequence[str] = ()) -> pa.Schema:
+    """The Parquet schema of SPEC section 6, column order included.
+
+    Args:
+        signals: every signal with an `a_<s>` / `w_<s>` pair, in this order.
+        float32_signals: signals with an `a32_<s>` column after the pairs (see `a32_signals`); empty for a
+            float32 run.
+    """
     fields = [
         ("run", pa.string()),
         ("method", pa.string()),
@@ -36,7 +48,14 @@ def dump_schema(signals: Sequence[str] = SIGNAL_NAMES) -> pa.Schema:
     ]
     for name in signals:
         fields += [(f"a_{name}", pa.float32()), (f"w_{name}", pa.float32())]
+    fields += [(f"a32_{name}", pa.float32()) for name in float32_signals]
     return pa.schema(fields)
+
+
+def a32_signals(dtype: torch.dtype, signals: Sequence[str] = SIGNAL_NAMES) -> list[str]:
+    """The signals a run of this dtype recomputes in float32 (`a32_<s>` columns): the precision-sensitive
+    ones (`arca.signals.precision_sensitive`) when `dtype` is not float32, none when it is."""
+    return [] if dtype == torch.float32 else precision_sensitive(signals)
 
 
 def group_advantages(rewards: Tensor, groups: Tensor) -> Tensor:
@@ -54,6 +73,73 @@ def group_advantages(rewards: Tensor, groups: Tensor) -> Tensor:
     return adv
 
 
+def raw_saliences(
+    model: torch.nn.Module,
+    rollouts: Rollouts,
+    signals: Sequence[str],
+    layer: int = -1,
+    batch_size: int = 8,
+    temperature: float = 1.0,
+) -> dict[str, Tensor]:
+    """name -> (N, C) float32 raw saliences over completion positions (0 on padding), `batch_size` rows per pass.
+
+    `temperature` is the sampling temperature, as TRL's log-probs and the trainer use it.
+    """
+    p = rollouts.prompt_length
+    device = next(model.parameters()).device
+    out: dict[str, list[Tensor]] = {name: [] for name in signals}
+    for start in range(0, rollouts.input_ids.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        raw = compute_signals(
+            model,
+            rollouts.input_ids[sl].to(device),
+            rollouts.attention_mask[sl].to(device),
+            rollouts.completion_mask[sl].to(device),
+            layer=layer,
+            names=signals,
+            temperature=temperature,
+        )
+        for name in signals:
+            out[name].append(raw[name][:, p:].float().cpu())  # (b, C)
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def float32_saliences(
+    model: torch.nn.Module,
+    rollouts: Rollouts,
+    signals: Sequence[str],
+    layer: int = -1,
+    batch_size: int = 8,
+    temperature: float = 1.0,
+) -> dict[str, Tensor]:
+    """`raw_saliences` with every weight upcast to float32 in place (`arca.precision.float32_weights`): the
+    float32 truth of a low-precision run on the very same rollouts and checkpoint; the weights are restored
+    bit for bit afterwards. Empty when `signals` is."""
+    if not signals:
+        return {}
+    with float32_weights(model):
+        return raw_saliences(model, rollouts, signals, layer, batch_size, temperature)
+
+
+def normalized(raw: dict[str, Tensor], rollouts: Rollouts, credit: CreditConfig) -> dict[str, tuple[Tensor, Tensor]]:
+    """name -> (raw saliences, weights normalized with the run's credit params), each (N, C)."""
+    mask = rollouts.completion_mask[:, rollouts.prompt_length :]  # (N, C)
+    out = {}
+    for name, a in raw.items():
+        w, _ = normalize(
+            a,
+            mask,
+            credit.scheme,
+            credit.tau,
+            credit.eps,
+            mix=credit.mix,
+            w_max=credit.w_max,
+            sharpening=credit.sharpening,
+        )
+        out[name] = (a, w)
+    return out
+
+
 def signal_weights(
     model: torch.nn.Module,
     rollouts: Rollouts,
@@ -63,35 +149,8 @@ def signal_weights(
     temperature: float = 1.0,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """name -> (raw saliences, normalized weights), each (N, C) over completion positions."""
-    out: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in signals}
-    p = rollouts.prompt_length
-    for start in range(0, rollouts.input_ids.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        device = next(model.parameters()).device
-        raw = compute_signals(
-            model,
-            rollouts.input_ids[sl].to(device),
-            rollouts.attention_mask[sl].to(device),
-            rollouts.completion_mask[sl].to(device),
-            layer=credit.layer,
-            names=signals,
-            temperature=temperature,  # the sampling temperature, as TRL's log-probs and the trainer use
-        )
-        mask = rollouts.completion_mask[sl, p:]  # (b, C)
-        for name in signals:
-            a = raw[name][:, p:].float().cpu()  # (b, C)
-            w, _ = normalize(
-                a,
-                mask,
-                credit.scheme,
-                credit.tau,
-                credit.eps,
-                mix=credit.mix,
-                w_max=credit.w_max,
-                sharpening=credit.sharpening,
-            )
-            out[name].append((a, w))
-    return {name: (torch.cat([a for a, _ in v]), torch.cat([w for _, w in v])) for name, v in out.items()}
+    raw = raw_saliences(model, rollouts, signals, credit.layer, batch_size, temperature)
+    return normalized(raw, rollouts, credit)
 
 
 def token_table(
@@ -101,11 +160,13 @@ def token_table(
     rewards: Tensor,
     weights: dict[str, tuple[Tensor, Tensor]],
     meta: dict[str, object],
+    float32: dict[str, Tensor] | None = None,
 ) -> pd.DataFrame:
     """Flatten to one row per valid completion token, ordered (prompt_id, sample, pos).
 
     `meta` holds run, method, rank, seed, step. `advantage` is the sequence-level group-normalized
-    advantage A_i (the per-token advantage of a method is A_i * w_<method>).
+    advantage A_i (the per-token advantage of a method is A_i * w_<method>). `float32` (name -> (N, C), from
+    `float32_saliences`) adds the `a32_<name>` columns of a low-precision run; columns follow `dump_schema`.
     """
     p = rollouts.prompt_length
     mask = rollouts.completion_mask[:, p:].bool()  # (N, C)
@@ -131,9 +192,12 @@ def token_table(
     for name, (a, w) in weights.items():
         data[f"a_{name}"] = a[row, pos].numpy()
         data[f"w_{name}"] = w[row, pos].numpy()
+    for name, a32 in (float32 or {}).items():
+        data[f"a32_{name}"] = a32[row, pos].numpy()
     df = pd.DataFrame(data)
     df = df.sort_values(["prompt_id", "sample", "pos"], kind="stable").reset_index(drop=True)
-    schema = dump_schema(list(weights))
+    schema = dump_schema(list(weights), list(float32 or {}))
+    df = df[schema.names]
     return df.astype({f.name: _pandas_dtype(f.type) for f in schema})
 
 

@@ -24,9 +24,32 @@ from matplotlib.lines import Line2D
 
 log = logging.getLogger(__name__)
 
-# SPEC section 2 order; any other `w_<name>` column found in a dump is appended after these.
-SIGNAL_ORDER = ("uniform", "surprisal", "entropy", "entropy_reduction", "kl", "arca")
-_SIGNAL_COLORS = dict(zip(SIGNAL_ORDER, ("#7f7f7f", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#d62728")))
+# SPEC section 2 order (= arca.signals.SIGNAL_NAMES, checked by the tests; not imported, so drawing figures
+# needs no torch); any other `w_<name>` column found in a dump is appended after these.
+SIGNAL_ORDER = (
+    "uniform",
+    "surprisal",
+    "entropy",
+    "entropy_reduction",
+    "kl",
+    "arca",
+    "divergence",
+    "entropy_drop",
+    "arca_local",
+)
+# Paired hues: the paper's variant of a signal is a lighter or darker shade of the exact one it mirrors
+# (kl / divergence, entropy_reduction / entropy_drop, arca / arca_local), so the pairs read as pairs.
+_SIGNAL_COLORS = {
+    "uniform": "#7f7f7f",
+    "surprisal": "#1f77b4",
+    "entropy": "#2ca02c",
+    "entropy_reduction": "#9467bd",
+    "kl": "#ff7f0e",
+    "arca": "#d62728",
+    "divergence": "#ffbb78",
+    "entropy_drop": "#c5b0d5",
+    "arca_local": "#8c1515",
+}
 PHASE_ORDER = ("init", "mid", "final")
 TRAJECTORY_KEYS = ["run", "step", "prompt_id", "sample"]
 TRAINING_COLUMNS = ["reward", "gini", "etr", "fallback_rate"]
@@ -195,8 +218,13 @@ def lorenz_figure(
             ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="uniform (G=0.00)")
             for signal in signals:
                 curves, gini = lorenz_on_grid(codes, rows[f"w_{signal}"].to_numpy(), grid)
-                ax.plot(grid, curves.mean(axis=0), color=signal_color(signal), linewidth=1.5,
-                        label=f"{signal} (G={gini.mean():.2f})")
+                ax.plot(
+                    grid,
+                    curves.mean(axis=0),
+                    color=signal_color(signal),
+                    linewidth=1.5,
+                    label=f"{signal} (G={gini.mean():.2f})",
+                )
             ax.set_title(f"{title}, n={codes.max() + 1} traj.")
             ax.set_xlabel("share of tokens (lightest first)")
             ax.set_xlim(0, 1)
@@ -248,12 +276,24 @@ def regime_map(
             shown = panel.iloc[pick]
             ax.axhspan(etr_uniform, 1.0, color="#2ca02c", alpha=0.12, linewidth=0)
             ax.axhspan(0.0, etr_concentrated, color="#d62728", alpha=0.12, linewidth=0)
-            for y, text in ((1.0, "uniform"), ((etr_uniform + etr_concentrated) / 2, "middle"),
-                            (etr_concentrated, "concentrated")):
-                ax.text(0.98, y, text, ha="right", va="top" if y >= etr_uniform else "center",
-                        fontsize=7, color="dimgray", transform=ax.get_yaxis_transform())
-            ax.scatter(shown["gini"], shown["etr"], s=6, alpha=0.6, linewidths=0,
-                       c=[signal_color(s) for s in shown["signal"]])
+            for y, text in (
+                (1.0, "uniform"),
+                ((etr_uniform + etr_concentrated) / 2, "middle"),
+                (etr_concentrated, "concentrated"),
+            ):
+                ax.text(
+                    0.98,
+                    y,
+                    text,
+                    ha="right",
+                    va="top" if y >= etr_uniform else "center",
+                    fontsize=7,
+                    color="dimgray",
+                    transform=ax.get_yaxis_transform(),
+                )
+            ax.scatter(
+                shown["gini"], shown["etr"], s=6, alpha=0.6, linewidths=0, c=[signal_color(s) for s in shown["signal"]]
+            )
             ax.set_title(f"phase {phase} ({len(shown)} of {len(panel)} points)")
             ax.set_xlabel(f"Gini over {over}")
             ax.set_xlim(0, 1)
@@ -315,10 +355,15 @@ def training_curves(
                 seeds = rows["run"].nunique()
                 label = f"{method} r={rank:g}" if pd.notna(rank) else str(method)
                 label += f" ({seeds} run{'s' if seeds > 1 else ''})"
-                ax.plot(per_step.index, per_step["mean"], color=signal_color(method), linestyle=style,
-                        label=label)
-                ax.fill_between(per_step.index, per_step["min"], per_step["max"], color=signal_color(method),
-                                alpha=0.15, linewidth=0)
+                ax.plot(per_step.index, per_step["mean"], color=signal_color(method), linestyle=style, label=label)
+                ax.fill_between(
+                    per_step.index,
+                    per_step["min"],
+                    per_step["max"],
+                    color=signal_color(method),
+                    alpha=0.15,
+                    linewidth=0,
+                )
             if table[metric].isna().all():
                 ax.text(0.5, 0.5, f"no {metric} in the logs", ha="center", va="center", transform=ax.transAxes)
             ax.set_ylabel(_TRAINING_YLABELS[metric])
@@ -339,6 +384,14 @@ def _mark_pass_at_1(ax, table: pd.DataFrame, evals: pd.DataFrame) -> None:
     last = table.groupby("run").agg(method=("method", "first"), rank=("rank", "first"), step=("step", "max"))
     joined = last.join(evals.set_index("run")["pass@1"], how="inner")
     for (method, _), rows in joined.groupby(["method", "rank"], dropna=False, sort=True):
-        ax.plot(rows["step"].max(), rows["pass@1"].mean(), marker="*", markersize=10, linestyle="",
-                color=signal_color(method), markeredgecolor="black", markeredgewidth=0.5)
+        ax.plot(
+            rows["step"].max(),
+            rows["pass@1"].mean(),
+            marker="*",
+            markersize=10,
+            linestyle="",
+            color=signal_color(method),
+            markeredgecolor="black",
+            markeredgewidth=0.5,
+        )
     ax.plot([], [], marker="*", linestyle="", color="gray", label="held-out pass@1 (eval)")

@@ -47,8 +47,7 @@ def visible_token(text: str) -> str:
     """
     if text == "":
         return "\u2205"
-    return "".join(_VISIBLE.get(ch) or (f"\\x{ord(ch):02x}" if unicodedata.category(ch) == "Cc" else ch)
-                   for ch in text)
+    return "".join(_VISIBLE.get(ch) or (f"\\x{ord(ch):02x}" if unicodedata.category(ch) == "Cc" else ch) for ch in text)
 
 
 def page_name(prompt_id: str) -> str:
@@ -120,9 +119,7 @@ def _scale_html() -> str:
     """A legend strip: the colors of w = 0, 1/8 .. 8."""
     ws = np.array([0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     bg, fg = weight_colors(ws)
-    cells = "".join(
-        f'<span style="background:{b};color:{f}">w={w:g}</span>' for w, b, f in zip(ws, bg, fg)
-    )
+    cells = "".join(f'<span style="background:{b};color:{f}">w={w:g}</span>' for w, b, f in zip(ws, bg, fg))
     return f'<p class="scale">normalized weight (mean 1, log scale): {cells}</p>'
 
 
@@ -138,8 +135,10 @@ def _block_html(rows: pd.DataFrame, signals: list[str], stats: dict[str, str]) -
         bg, fg = weight_colors(w)
         lines.append(f"<tr><th>{html.escape(signal)} {stats[signal]}</th>")
         for i, token in enumerate(tokens):
-            title = html.escape(f"pos {rows['pos'].iat[i]} id {rows['token_id'].iat[i]} | {signal}: "
-                                f"w={w[i]:.4g} a={a[i]:.4g}", quote=True)
+            title = html.escape(
+                f"pos {rows['pos'].iat[i]} id {rows['token_id'].iat[i]} | {signal}: w={w[i]:.4g} a={a[i]:.4g}",
+                quote=True,
+            )
             lines.append(f'<td style="background:{bg[i]};color:{fg[i]}" title="{title}">{token}</td>')
         lines.append("</tr>")
     lines.append("</table>")
@@ -163,22 +162,39 @@ def completion_page(completion: Completion, step: int) -> str:
     rows, signals = completion.rows, signals_in(completion.rows)
     first = rows.iloc[0]
     meta = {
-        "run": first["run"], "method": first.get("method", ""), "rank": first.get("rank", ""),
-        "seed": first.get("seed", ""), "step": step, "prompt_id": completion.prompt_id,
-        "sample": completion.sample, "reward": f"{float(first['reward']):.3g}",
-        "advantage": f"{float(first.get('advantage', np.nan)):.3g}", "tokens": len(rows),
+        "run": first["run"],
+        "method": first.get("method", ""),
+        "rank": first.get("rank", ""),
+        "seed": first.get("seed", ""),
+        "step": step,
+        "prompt_id": completion.prompt_id,
+        "sample": completion.sample,
+        "reward": f"{float(first['reward']):.3g}",
+        "advantage": f"{float(first.get('advantage', np.nan)):.3g}",
+        "tokens": len(rows),
     }
     meta_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())
     stats = _signal_stats(rows, signals)
-    blocks = [_block_html(rows.iloc[i:i + TOKENS_PER_BLOCK], signals, stats)
-              for i in range(0, len(rows), TOKENS_PER_BLOCK)]
+    blocks = [
+        _block_html(rows.iloc[i : i + TOKENS_PER_BLOCK], signals, stats) for i in range(0, len(rows), TOKENS_PER_BLOCK)
+    ]
     title = html.escape(f"{meta['run']} / {completion.prompt_id}")
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{title}</title>",
-        f"<style>{_CSS}</style></head><body>", f"<h1>{title}</h1>", f"<table class='meta'>{meta_rows}</table>",
-        _scale_html(), "<p>Whitespace: \u00b7 space, \u23ce newline, \u21e5 tab. Hover a token for its values.</p>",
-        *blocks, '<p><a href="index.html">all prompts</a></p>', "</body></html>", "",
-    ])
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{title}</title>",
+            f"<style>{_CSS}</style></head><body>",
+            f"<h1>{title}</h1>",
+            f"<table class='meta'>{meta_rows}</table>",
+            _scale_html(),
+            "<p>Whitespace: \u00b7 space, \u23ce newline, \u21e5 tab. Hover a token for its values.</p>",
+            *blocks,
+            '<p><a href="index.html">all prompts</a></p>',
+            "</body></html>",
+            "",
+        ]
+    )
 
 
 def index_page(run: str, step: int, completions: list[Completion]) -> str:
@@ -190,11 +206,19 @@ def index_page(run: str, step: int, completions: list[Completion]) -> str:
     )
     head = "<tr><th>prompt</th><th>sample</th><th>reward</th><th>tokens</th></tr>"
     title = html.escape(f"Token heatmaps: run {run}, step {step}")
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{title}</title>",
-        f"<style>{_CSS}</style></head><body>", f"<h1>{title}</h1>", _scale_html(),
-        f"<table class='meta'>{head}{items}</table>", "</body></html>", "",
-    ])
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{title}</title>",
+            f"<style>{_CSS}</style></head><body>",
+            f"<h1>{title}</h1>",
+            _scale_html(),
+            f"<table class='meta'>{head}{items}</table>",
+            "</body></html>",
+            "",
+        ]
+    )
 
 
 def heatmap_pages(
@@ -229,8 +253,14 @@ def heatmap_pages(
 
 
 def heatmap_png(
-    dumps: pd.DataFrame, out: Path, run: str, step: int | None = None, max_prompts: int = 8,
-    examples: int = 3, max_tokens: int = 40, seed: int = 0,
+    dumps: pd.DataFrame,
+    out: Path,
+    run: str,
+    step: int | None = None,
+    max_prompts: int = 8,
+    examples: int = 3,
+    max_tokens: int = 40,
+    seed: int = 0,
 ) -> Path:
     """Static PNG of a few completions (the first `max_tokens` tokens each): one row per signal.
 
@@ -239,10 +269,11 @@ def heatmap_png(
     """
     step, completions = choose_completions(dumps, run, step, max_prompts, seed)
     completions = completions[:examples]
+    panel_height = 2.2 * max(1.0, len(signals_in(dumps)) / 6)  # inches; 2.2 fits 6 signal rows legibly
     with matplotlib.rc_context(RC), warnings.catch_warnings():
         # Tokens in scripts DejaVu Sans lacks (e.g. CJK) render as boxes; one warning per glyph is noise.
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
-        fig = Figure(figsize=(12, 0.6 + 2.2 * len(completions)), layout="constrained")
+        fig = Figure(figsize=(12, 0.6 + panel_height * len(completions)), layout="constrained")
         axes = np.atleast_1d(fig.subplots(len(completions), 1))
         for ax, completion in zip(axes, completions):
             rows = completion.rows.iloc[:max_tokens]
@@ -251,12 +282,16 @@ def heatmap_png(
             image = ax.imshow(levels, cmap=_CMAP, vmin=-LOG2_RANGE, vmax=LOG2_RANGE, aspect="auto")
             ax.set_yticks(range(len(signals)), signals)
             ax.set_xticks(range(len(rows)))
-            ax.set_xticklabels([visible_token(t) for t in rows["token"].astype(str)], rotation=90,
-                               fontsize=7, parse_math=False)  # tokens such as "$" are not mathtext
+            ax.set_xticklabels(
+                [visible_token(t) for t in rows["token"].astype(str)], rotation=90, fontsize=7, parse_math=False
+            )  # tokens such as "$" are not mathtext
             ax.grid(False)
             reward = float(rows["reward"].iat[0])
-            ax.set_title(f"run {run}, step {step}, prompt {completion.prompt_id}, sample {completion.sample}, "
-                         f"reward {reward:.3g} (first {len(rows)} tokens)", parse_math=False)
+            ax.set_title(
+                f"run {run}, step {step}, prompt {completion.prompt_id}, sample {completion.sample}, "
+                f"reward {reward:.3g} (first {len(rows)} tokens)",
+                parse_math=False,
+            )
         bar = fig.colorbar(image, ax=list(axes), label="weight w (log scale)", shrink=0.9)
         ticks = np.arange(-LOG2_RANGE, LOG2_RANGE + 1)
         bar.set_ticks(ticks, labels=[f"{2.0**t:g}" if t >= 0 else f"1/{2.0**-t:g}" for t in ticks])

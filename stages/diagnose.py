@@ -1,26 +1,30 @@
-"""Stage `diagnose`: concentration diagnostics per signal x run x checkpoint, and signal agreement.
+"""Stage `diagnose`: concentration diagnostics per signal x run x checkpoint, signal agreement, and the
+precision noise of low-precision runs (SPEC 2b).
 
     python -m stages.diagnose [--params params.yaml]
 
-Reads data/dumps/*.parquet; writes data/diagnostics/{trajectories,summary,agreement}.parquet and
-metrics/diagnostics.json (final-checkpoint means per signal, over normalized weights).
+Reads data/dumps/*.parquet; writes data/diagnostics/{trajectories,summary,agreement,noise}.parquet and
+metrics/diagnostics.json (final-checkpoint means per signal, over normalized weights, plus the noise share and
+rank correlation of every signal recomputed in float32). noise.parquet is empty (same columns) when no dump
+has `a32_` columns, i.e. every run is float32.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import click
 import pandas as pd
 
-from arca.concentration import signal_agreement, trajectory_table
+from arca.concentration import dump_signals, noise_table, signal_agreement, trajectory_table
 from arca.diagnostics import aggregate
 from arca.io import write_json, write_parquet
-from arca.signals import SIGNAL_NAMES
-from stages.common import load_params, section
+from stages.common import credit_config, load_params, section
 
 OUT = Path("data/diagnostics")
+log = logging.getLogger("stages.diagnose")
 
 
 def read_dumps(folder: Path = Path("data/dumps")) -> pd.DataFrame:
@@ -30,16 +34,27 @@ def read_dumps(folder: Path = Path("data/dumps")) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
-def final_metrics(summary: pd.DataFrame) -> dict:
+def _rounded(value: float) -> float | None:
+    """6 decimals; None for NaN or inf, which JSON (and so DVC's metrics) cannot hold."""
+    return round(float(value), 6) if math.isfinite(value) else None
+
+
+def final_metrics(summary: pd.DataFrame, noise: pd.DataFrame) -> dict:
+    """Per signal, means over runs at the final checkpoint; `noise_share`/`rank_corr` only for signals with
+    a float32 recomputation."""
     final = summary[(summary["phase"] == "final") & (summary["over"] == "weight")]
     out: dict = {}
     for signal, frame in final.groupby("signal", sort=True):
         out[signal] = {
-            "gini": round(float(frame["gini_mean"].mean()), 6),
-            "etr": round(float(frame["etr_mean"].mean()), 6),
-            "frac_concentrated": round(float(frame["frac_concentrated"].mean()), 6),
-            "frac_uniform": round(float(frame["frac_uniform"].mean()), 6),
+            "gini": _rounded(frame["gini_mean"].mean()),
+            "etr": _rounded(frame["etr_mean"].mean()),
+            "frac_concentrated": _rounded(frame["frac_concentrated"].mean()),
+            "frac_uniform": _rounded(frame["frac_uniform"].mean()),
         }
+    for signal, frame in noise[noise["phase"] == "final"].groupby("signal", sort=True):
+        out.setdefault(signal, {}).update(
+            noise_share=_rounded(frame["noise_share"].mean()), rank_corr=_rounded(frame["rank_corr"].mean())
+        )
     return out
 
 
@@ -52,9 +67,10 @@ def main(params_path: str) -> None:
     if not isinstance(tokens, list):
         raise ValueError("params.yaml: diagnostics.formatting_tokens must be a list of strings")
     dumps = read_dumps()
+    signals = dump_signals(dumps.columns)
     traj = trajectory_table(
         dumps,
-        SIGNAL_NAMES,
+        signals,
         tokens,
         eps=float(credit.get("eps", 1e-8)),
         top_frac=float(diag.get("top_frac", 0.05)),
@@ -64,10 +80,15 @@ def main(params_path: str) -> None:
     fallback = traj.groupby(["run", "step", "signal", "over"], sort=True)["fallback"].mean().rename("fallback_rate")
     summary = aggregate(traj, ["run", "method", "rank", "seed", "step", "phase", "signal", "over"])
     summary = summary.merge(fallback.reset_index(), on=["run", "step", "signal", "over"])
+    # a32 is normalized exactly as the dump normalized a: with the credit params of the run's method.
+    noise = noise_table(dumps, {m: credit_config(params, m) for m in sorted(dumps["method"].unique())})
+    if noise.empty:
+        log.info("no dump has a32_ columns (every run is float32): noise.parquet is empty")
     write_parquet(OUT / "trajectories.parquet", traj)
     write_parquet(OUT / "summary.parquet", summary)
-    write_parquet(OUT / "agreement.parquet", signal_agreement(dumps, list(SIGNAL_NAMES)))
-    write_json("metrics/diagnostics.json", final_metrics(summary))
+    write_parquet(OUT / "agreement.parquet", signal_agreement(dumps, signals))
+    write_parquet(OUT / "noise.parquet", noise)
+    write_json("metrics/diagnostics.json", final_metrics(summary, noise))
 
 
 if __name__ == "__main__":

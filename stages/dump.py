@@ -2,6 +2,10 @@
 checkpoint of one run (step 0 included), as one Parquet file (SPEC section 6).
 
     python -m stages.dump --method arca --rank 8 --seed 0 [--params params.yaml]
+
+When `model.dtype` resolves to a dtype other than float32 (bf16 on a GPU), every precision-sensitive signal
+is recomputed in float32 on the same rollouts and checkpoint and written as `a32_<signal>` (SPEC 2b); the
+file's metadata records the dtype (`arca.dtype`) and those signals (`arca.a32_signals`).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import click
 import pandas as pd
 import torch
 
-from arca.dump import dump_schema, signal_weights, token_table
+from arca.dump import a32_signals, dump_schema, float32_saliences, signal_weights, token_table
 from arca.grading import math_reward
 from arca.io import read_json, write_parquet
+from arca.models import resolve_dtype
 from arca.rollouts import generate
 from arca.signals import SIGNAL_NAMES
 from stages.common import credit_config, load_params, section
@@ -24,12 +29,14 @@ from stages.runs import load_base_model, params_hash, run_id, snapshots, with_ad
 log = logging.getLogger("stages.dump")
 
 
-def dump_run(run: str, meta: dict, params: dict) -> pd.DataFrame:
+def dump_run(run: str, meta: dict, params: dict, checked: list[str]) -> pd.DataFrame:
+    """Every checkpoint's token table; `checked` lists the signals that also get `a32_` columns."""
     dump, credit = section(params, "dump"), credit_config(params, meta["method"])
     train = section(params, "train")
     model_params = section(params, "model")
     probe = pd.read_parquet("data/prepared/probe.parquet")
     base, tokenizer = load_base_model(model_params.get("dtype", "auto"))
+    batch_size, temperature = dump.get("batch_size", 16), train.get("temperature", 1.0)
     tables = []
     for step, adapter_dir in snapshots(Path("data/runs") / run).items():
         model = with_adapter(base, adapter_dir)
@@ -40,20 +47,20 @@ def dump_run(run: str, meta: dict, params: dict) -> pd.DataFrame:
             samples=dump["samples"],
             greedy=False,
             max_new_tokens=train["max_completion_length"],
-            temperature=train.get("temperature", 1.0),
+            temperature=temperature,
             seed=dump.get("seed", 0),
-            batch_size=dump.get("batch_size", 16),
+            batch_size=batch_size,
             chat_template_kwargs=model_params.get("chat_template_kwargs"),
         )
         answers = list(probe["answer"])
         rewards = torch.tensor(
             [math_reward(t, answers[i]) for i, t in zip(rollouts.prompt_index.tolist(), rollouts.texts)]
         )
-        weights = signal_weights(
-            model, rollouts, credit, SIGNAL_NAMES, dump.get("batch_size", 16), train.get("temperature", 1.0)
-        )
+        weights = signal_weights(model, rollouts, credit, SIGNAL_NAMES, batch_size, temperature)
+        # The float32 truth of the same tokens: no new rollouts, the checkpoint's weights upcast in place.
+        a32 = float32_saliences(model, rollouts, checked, credit.layer, batch_size, temperature)
         tables.append(
-            token_table(rollouts, tokenizer, list(probe["prompt_id"]), rewards, weights, {**meta, "step": step})
+            token_table(rollouts, tokenizer, list(probe["prompt_id"]), rewards, weights, {**meta, "step": step}, a32)
         )
         log.info("%s step %d: reward %.2f, %d tokens", run, step, rewards.mean(), len(tables[-1]))
         base = model.unload()
@@ -75,16 +82,21 @@ def main(method: str, rank: int, seed: int, params_path: str) -> None:
     run = run_id(method, rank, seed)
     budget = read_json(Path("data/runs") / run / "budget.json")
     meta = {"run": run, "method": budget["method"], "rank": budget["rank"], "seed": budget["seed"]}
-    df = dump_run(run, meta, params)
+    dtype = resolve_dtype(section(params, "model").get("dtype", "auto"))
+    checked = a32_signals(dtype, SIGNAL_NAMES)
+    df = dump_run(run, meta, params, checked)
     phash = params_hash(
         params.get("model"), params.get("train"), params.get("lora"), params.get("credit"), params.get("dump")
     )
-    write_parquet(
-        Path("data/dumps") / f"{run}.parquet",
-        df,
-        schema=dump_schema(),
-        metadata={"arca.schema": str(dump_schema()), "arca.params_md5": phash, "arca.run": run},
-    )
+    schema = dump_schema(SIGNAL_NAMES, checked)
+    metadata = {
+        "arca.schema": str(schema),
+        "arca.params_md5": phash,
+        "arca.run": run,
+        "arca.dtype": str(dtype).removeprefix("torch."),
+        "arca.a32_signals": ",".join(checked),
+    }
+    write_parquet(Path("data/dumps") / f"{run}.parquet", df, schema=schema, metadata=metadata)
 
 
 if __name__ == "__main__":

@@ -67,16 +67,24 @@ def parse_params(params: dict) -> FigureParams:
     etr_uniform = _number(diag, "diagnostics", "etr_uniform")
     etr_concentrated = _number(diag, "diagnostics", "etr_concentrated")
     if not 0.0 <= etr_concentrated < etr_uniform <= 1.0:
-        raise ValueError("params.yaml: need 0 <= diagnostics.etr_concentrated < diagnostics.etr_uniform <= 1, "
-                         f"got {etr_concentrated} and {etr_uniform}")
+        raise ValueError(
+            "params.yaml: need 0 <= diagnostics.etr_concentrated < diagnostics.etr_uniform <= 1, "
+            f"got {etr_concentrated} and {etr_uniform}"
+        )
     run = fig.get("heatmap_run")
     if run is not None and not isinstance(run, str):
         raise ValueError(f"params.yaml: figures.heatmap_run must be a run id or null, got {run!r}")
     lorenz_by = fig.get("lorenz_by", "phase")
     if lorenz_by not in ("phase", "rank"):
         raise ValueError(f"params.yaml: figures.lorenz_by must be 'phase' or 'rank', got {lorenz_by!r}")
-    return FigureParams(etr_uniform, etr_concentrated, _int(fig, "figures", "heatmap_prompts", 1), run,
-                        _int(fig, "figures", "seed", 0), lorenz_by)
+    return FigureParams(
+        etr_uniform,
+        etr_concentrated,
+        _int(fig, "figures", "heatmap_prompts", 1),
+        run,
+        _int(fig, "figures", "seed", 0),
+        lorenz_by,
+    )
 
 
 def _dump_paths() -> list[Path]:
@@ -110,8 +118,9 @@ def read_logs() -> pd.DataFrame:
     for log_path in sorted(RUNS.glob("*/log.tsv")):
         budget = json.loads((log_path.parent / "budget.json").read_text())
         frame = pd.read_csv(log_path, sep="\t")
-        frames.append(frame.assign(run=log_path.parent.name, method=budget["method"], rank=budget["rank"],
-                                   seed=budget["seed"]))
+        frames.append(
+            frame.assign(run=log_path.parent.name, method=budget["method"], rank=budget["rank"], seed=budget["seed"])
+        )
     if not frames:
         raise click.ClickException(f"no training logs found at {RUNS}/<run>/log.tsv")
     return pd.concat(frames, ignore_index=True)
@@ -125,8 +134,13 @@ def read_evals() -> pd.DataFrame | None:
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--params",
+    "params_path",
+    default="params.yaml",
+    show_default=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
 def main(params_path: Path) -> None:
     """Draw every figure of the pipeline into results/figures/ and the plots table into results/plots/."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -147,11 +161,11 @@ def main(params_path: Path) -> None:
     run = pick_heatmap_run(dumps, params.heatmap_run)
     run_paths = [p for p in paths if p.stem == run]
     if not run_paths:
-        raise click.ClickException(f"figures.heatmap_run: no dump {DUMPS}/{run}.parquet; have "
-                                   f"{[p.stem for p in paths]}")
+        raise click.ClickException(
+            f"figures.heatmap_run: no dump {DUMPS}/{run}.parquet; have {[p.stem for p in paths]}"
+        )
     run_dump = pd.read_parquet(run_paths[0])
-    pages = heatmap_pages(run_dump, FIGURES / "heatmaps", run, max_prompts=params.heatmap_prompts,
-                          seed=params.seed)
+    pages = heatmap_pages(run_dump, FIGURES / "heatmaps", run, max_prompts=params.heatmap_prompts, seed=params.seed)
     heatmap_png(run_dump, FIGURES / "heatmaps.png", run, max_prompts=params.heatmap_prompts, seed=params.seed)
     log.info("wrote figures for %d runs, %d heatmap pages of run %s", dumps["run"].nunique(), len(pages), run)
 

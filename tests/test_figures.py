@@ -11,11 +11,22 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from arca.figures import lorenz_figure, lorenz_on_grid, regime_map, training_curves, training_table
+from arca.figures import (
+    SIGNAL_ORDER,
+    lorenz_figure,
+    lorenz_on_grid,
+    regime_map,
+    signal_color,
+    signals_in,
+    training_curves,
+    training_table,
+)
 from arca.heatmap import heatmap_pages, heatmap_png, page_name, visible_token
+from arca.signals import SIGNAL_NAMES
 from stages import figures as stage
 
-SIGNALS = ("uniform", "surprisal", "entropy", "entropy_reduction", "kl", "arca")
+SIGNALS = SIGNAL_NAMES
+FLOAT32_CHECKED = ("kl", "arca", "arca_local")  # a32_ columns, as in a bf16 run's dump
 NASTY = ["<script>", "&amp;", '"q"', "'", "\n", " x", "$a$"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUNS = {"r-arca": ("arca", 8, 0), "r-kl": ("kl", 16, 1)}
@@ -63,6 +74,8 @@ def make_dumps(seed: int = 0) -> pd.DataFrame:
                             w = a / a.mean() if a.sum() > 0 else np.ones(T)
                             row[f"a_{s}"] = np.float32(a[pos])
                             row[f"w_{s}"] = np.float32(w[pos])
+                        for s in FLOAT32_CHECKED:
+                            row[f"a32_{s}"] = np.float32(raw[s][pos] * 0.9)
                         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -126,6 +139,13 @@ def assert_png(path: Path) -> bytes:
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 1000
     return data
+
+
+def test_every_signal_has_its_own_color_in_spec_order(dumps):
+    assert SIGNAL_ORDER == SIGNAL_NAMES  # figures keep their own copy so they need no torch
+    colors = [signal_color(s) for s in SIGNAL_ORDER]
+    assert len(set(colors)) == len(colors)
+    assert signals_in(dumps) == list(SIGNAL_NAMES)  # a32_ columns are no signals of their own
 
 
 def test_lorenz_on_grid_matches_spec_gini():
@@ -193,7 +213,8 @@ def test_heatmap_pages_escape_tokens(dumps, tmp_path):
         assert "&amp;amp;" in text and "&quot;q&quot;" in text and "&#x27;" in text
         assert "\u23ce" in text and "\u00b7x" in text  # newline and space made visible
         assert "run" in text and "r-arca" in text and "reward" in text
-        assert text.count("<tr><th>arca") == text.count("<tr><th>kl")  # one row per signal in each block
+        assert text.count("<tr><th>arca ") == text.count("<tr><th>kl ")  # one row per signal in each block
+        assert text.count("<tr><th>arca_local ") == text.count("<tr><th>divergence ") > 0
     again = tmp_path / "again"
     heatmap_pages(dumps, again, "r-arca", max_prompts=2, seed=0)
     assert [p.read_bytes() for p in pages] == [(again / p.name).read_bytes() for p in pages]
