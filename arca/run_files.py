@@ -18,13 +18,14 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from arca.io import atomic_path, read_json, write_json, write_text
+from arca.trainer import NOISE_SIGNALS
 
 if TYPE_CHECKING:
     from arca.trainer import CreditGRPOTrainer
 
-# log.tsv column -> TRL log key (frac_mixed_groups is derived from frac_reward_zero_std).
 logger = logging.getLogger(__name__)
 
+# log.tsv column -> TRL log key (frac_mixed_groups is derived from frac_reward_zero_std).
 LOG_COLUMNS: dict[str, str] = {
     "step": "step",
     "reward": "reward",
@@ -41,8 +42,11 @@ LOG_COLUMNS: dict[str, str] = {
     "frac_concentrated": "credit/frac_concentrated",
     "fallback_rate": "credit/fallback_rate",
     "max_weight": "credit/max_weight",
+    # The trainer's running noise estimate (SPEC 2b): noise share and rank correlation with float32 of each
+    # precision-sensitive signal on a fixed probe; nan in float32 runs, which log none.
+    **{f"noise_{s}": f"credit/noise_{s}" for s in NOISE_SIGNALS},
+    **{f"noise_rank_{s}": f"credit/noise_rank_{s}" for s in NOISE_SIGNALS},
 }
-# log.tsv columns summarized in metrics.json over the last steps of the run.
 RUN_STATE = "run_state.json"  # inside each TRL checkpoint: settings fingerprint, generated tokens, wall time
 
 # ---- atomic outputs ---------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Per-step wall time of every credit method against `uniform`, measured side by side in one process.
 
-    python -m bench.step_overhead [--quick]
+    python -m bench.step_overhead [--quick] [--methods uniform,arca,arca_local] [--rounds N] [--lora-dropout P]
 
 A small Qwen3-shaped model built from config (hidden 256, 4 layers; vocab 8k with --quick, 32k without) and a
 synthetic word-level tokenizer; one `CreditGRPOTrainer` per method with identical settings and seeds, stepped
@@ -8,9 +8,12 @@ round-robin (the order rotates every round) so machine noise hits every method a
 to `max_completion_length` tokens, so every step does the same work. A step is TRL's `training_step`
 (generation, scoring passes, loss forward and backward) plus the AdamW update. Reported for beta = 0.04 (the
 reference pass exists, ARCA should be free) and beta = 0 (ARCA adds one adapter-off pass): medians over the
-measured rounds, whole step and the part outside generation. The last line is the summary:
+measured rounds, whole step and the part outside generation. `--methods` benches a subset (`uniform`, the
+baseline, is always in); `--lora-dropout 0.05` (the paper profile's) adds the dropout-free salience pass of
+every non-fixed method (SPEC 2b). The last lines are the summary, for `arca` and `arca_local` when benched:
 
     arca/uniform step time: beta>0 <ratio>, beta=0 <ratio>
+    arca_local/uniform step time: beta>0 <ratio>, beta=0 <ratio>
 
 Left out: gradient checkpointing (TRL turns it on inside `train()`, which this loop does not call; it would
 add the same recompute to every method, so the ratios here are the conservative ones) and GPU timings.
@@ -24,7 +27,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -82,12 +85,15 @@ def id_reward(completion_ids, **kwargs) -> list[float]:
 class Stepper:
     """One trainer driven one optimizer step at a time (TRL's `training_step` + AdamW), timed."""
 
-    def __init__(self, method: str, beta: float, size: BenchSize, dataset: Dataset, workdir: Path):
+    def __init__(
+        self, method: str, beta: float, size: BenchSize, dataset: Dataset, workdir: Path, lora_dropout: float = 0.0
+    ):
         settings = TrainSettings(
             model_dir=workdir,
             train_path=workdir / "unused.parquet",
             output_dir=workdir / f"{method}-{beta}",
             rank=8,
+            lora_dropout=lora_dropout,
             target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
             learning_rate=1e-3,
             max_steps=1000,
@@ -115,7 +121,9 @@ class Stepper:
         self.parts_s: dict[str, list[float]] = {"generate": [], "credit": []}
         self._current = dict.fromkeys(self.parts_s, 0.0)
         self._time("_generate", "generate")
-        for method_name in ("_apply_credit", "_reference_pass", "_log_fixed_credit"):
+        # The credit code: weights and diagnostics, plus the extra passes (matched adapter-off pass, the
+        # dropout-free pass, `reuse`'s pass at beta = 0). arca_local's LoRA hooks run inside the loss forward.
+        for method_name in ("_apply_credit", "_salience_pass", "_reference_pass", "_log_fixed_credit"):
             self._time(method_name, "credit")
 
     def _time(self, method_name: str, part: str) -> None:
@@ -155,10 +163,17 @@ class Stepper:
         }
 
 
-def measure(beta: float, size: BenchSize, dataset: Dataset, workdir: Path) -> dict[str, dict[str, float]]:
+def measure(
+    beta: float,
+    size: BenchSize,
+    dataset: Dataset,
+    workdir: Path,
+    methods: tuple[str, ...] = METHODS,
+    lora_dropout: float = 0.0,
+) -> dict[str, dict[str, float]]:
     """method -> `Stepper.medians()`, with the methods stepped round-robin in a rotating order."""
-    steppers = {m: Stepper(m, beta, size, dataset, workdir) for m in METHODS}
-    order = list(METHODS)
+    steppers = {m: Stepper(m, beta, size, dataset, workdir, lora_dropout) for m in methods}
+    order = list(methods)
     for round_index in range(size.warmup_rounds + size.rounds):
         for method in order:
             steppers[method].step(record=round_index >= size.warmup_rounds)
@@ -171,7 +186,7 @@ def table(results: dict[float, dict[str, dict[str, float]]]) -> str:
     the median time spent in the credit code itself (signals, normalization, diagnostics, extra pass)."""
     head = "| method |" + "".join(f" β={b} step ms | ratio | non-gen ms | non-gen ratio | credit ms |" for b in results)
     lines = [head, "|" + " --- |" * (1 + 5 * len(results))]
-    for method in METHODS:
+    for method in next(iter(results.values())):
         cells = []
         for timings in results.values():
             ours, base = timings[method], timings["uniform"]
@@ -190,8 +205,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="vocab 8k, 16-token completions, 10 rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
+    parser.add_argument("--methods", type=_methods, default=METHODS, help="comma-separated subset (default: all)")
+    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (steadier ratios on a busy machine)")
+    parser.add_argument(
+        "--lora-dropout", type=float, default=0.0, help="LoRA dropout (> 0 adds the dropout-free salience pass)"
+    )
     options = parser.parse_args()
     size = QUICK if options.quick else FULL
+    if options.rounds is not None:
+        size = replace(size, rounds=max(1, options.rounds))
     torch.set_num_threads(options.threads)
     logging.disable(logging.WARNING)  # TRL/transformers notices and deprecation warnings would bury the table
     warnings.simplefilter("ignore")
@@ -205,13 +227,29 @@ def main() -> None:
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        results = {beta: measure(beta, size, dataset, Path(workdir)) for beta in BETAS}
-    print(f"CPU, {torch.get_num_threads()} threads, vocab {size.vocab}, hidden 256, 4 layers, LoRA r8 on all linear")
+        results = {
+            beta: measure(beta, size, dataset, Path(workdir), options.methods, options.lora_dropout) for beta in BETAS
+        }
+    print(
+        f"CPU, {torch.get_num_threads()} threads, vocab {size.vocab}, hidden 256, 4 layers, LoRA r8 on all linear, "
+        f"LoRA dropout {options.lora_dropout}"
+    )
     print(f"2 prompts x 4 completions of {size.completion_tokens} tokens per step; medians of {size.rounds} rounds")
     print(table(results))
     print(f"total {time.perf_counter() - start:.0f} s")
-    ratio = {beta: timings["arca"]["step"] / timings["uniform"]["step"] for beta, timings in results.items()}
-    print(f"arca/uniform step time: beta>0 {ratio[0.04]:.2f}, beta=0 {ratio[0.0]:.2f}")
+    for method in ("arca", "arca_local"):
+        if method in options.methods:
+            ratio = {beta: timings[method]["step"] / timings["uniform"]["step"] for beta, timings in results.items()}
+            print(f"{method}/uniform step time: beta>0 {ratio[0.04]:.3f}, beta=0 {ratio[0.0]:.3f}")
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    """`--methods a,b`: known methods, `uniform` first (the baseline of every ratio)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return ("uniform", *dict.fromkeys(m for m in names if m != "uniform"))
 
 
 if __name__ == "__main__":

@@ -147,9 +147,12 @@ def _record_credit(trainer, check_signals: bool = False) -> list[dict]:
     return records
 
 
-@pytest.mark.parametrize(("method", "beta"), [("arca", 0.04), ("kl", 0.0)])
-def test_loss_gets_mean_one_weights_and_arca_starts_uniform(tmp_path, method, beta):
-    trainer = make_trainer(tmp_path, method, beta=beta)
+@pytest.mark.parametrize(
+    ("method", "beta", "reference"),
+    [("arca", 0.04, "matched"), ("kl", 0.0, "matched"), ("arca_local", 0.04, "matched"), ("arca", 0.0, "reuse")],
+)
+def test_loss_gets_mean_one_weights_and_arca_starts_uniform(tmp_path, method, beta, reference):
+    trainer = make_trainer(tmp_path, method, credit_kwargs={"reference": reference}, beta=beta)
     records = _record_credit(trainer, check_signals=True)
     trainer.train()
     assert [r["step"] for r in records] == [0, 0, 1, 1]  # 2 steps x 2 micro-batches
@@ -220,21 +223,26 @@ def plain_trl_calls(tmp_path_factory) -> dict[float, int]:
 
 
 @pytest.mark.parametrize(
-    ("method", "beta", "extra"),
+    ("method", "beta", "reference", "extra"),
     [
-        ("arca", 0.04, 0),
-        ("kl", 0.04, 0),
-        ("arca", 0.0, 2),
-        ("entropy_reduction", 0.0, 2),
-        ("surprisal", 0.0, 0),
+        ("arca", 0.04, "matched", 0),
+        ("kl", 0.04, "matched", 0),
+        ("arca", 0.0, "matched", 2),
+        ("entropy_reduction", 0.0, "matched", 2),
+        ("surprisal", 0.0, "matched", 0),
+        ("arca_local", 0.04, "matched", 0),
+        ("arca_local", 0.0, "matched", 0),
+        ("arca", 0.04, "reuse", 0),
+        ("arca", 0.0, "reuse", 2),
     ],
 )
-def test_forward_passes_beyond_plain_trl(tmp_path, plain_trl_calls, method, beta, extra):
-    ours = make_trainer(tmp_path, method, max_steps=1, beta=beta)
+def test_forward_passes_beyond_plain_trl(tmp_path, plain_trl_calls, method, beta, reference, extra):
+    ours = make_trainer(tmp_path, method, credit_kwargs={"reference": reference}, max_steps=1, beta=beta)
     our_calls = _count_backbone_calls(ours)
     ours.train()
-    # One step = 2 micro-batches, plus TRL's reference pass in 2 chunks when beta > 0; with beta == 0 the
-    # reference methods pay one adapter-off pass per micro-batch.
+    # One step = 2 micro-batches, plus TRL's reference pass in 2 chunks when beta > 0 (replaced by one matched
+    # adapter-off pass per micro-batch in `matched` mode); with beta == 0 the reference methods pay one
+    # adapter-off pass per micro-batch. arca_local never needs one.
     assert plain_trl_calls == {0.0: 2, 0.04: 4}
     assert our_calls[0] == plain_trl_calls[beta] + extra
 
