@@ -172,7 +172,7 @@ def test_changed_settings_start_over(tmp_path, train_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"method": "foo"}, "train.methods: unknown method 'foo'"),
+        ({"method": "foo"}, "study.methods: unknown method 'foo'"),
         ({"method": "arca", "tau": 0}, "credit.tau must be > 0, got 0"),
         ({"method": "arca", "mix": 1.5}, r"credit.mix must be in \[0, 1\]"),
         ({"method": "arca", "mix": -0.1}, r"credit.mix must be in \[0, 1\]"),
@@ -252,7 +252,7 @@ def test_cli_reports_params_errors_before_loading_the_model(tmp_path, monkeypatc
 
 def test_cli_unknown_method_and_missing_model(tmp_path, monkeypatch):
     result = _cli(tmp_path, monkeypatch, PARAMS, "--method", "foo")
-    assert result.exit_code != 0 and "train.methods: unknown method 'foo'" in result.output
+    assert result.exit_code != 0 and "study.methods: unknown method 'foo'" in result.output
     result = _cli(tmp_path, monkeypatch, PARAMS, "--method", "arca")
     assert result.exit_code != 0 and "base model directory data/models/base does not exist" in result.output
 
