@@ -85,7 +85,7 @@ class TrainSettings:
     seed: int = 0
     rank: int = 8
     lora_alpha: float = 16.0  # alpha = 2 * rank, the common LoRA setting
-    lora_dropout: float = 0.0  # no noise in ARCA's adapter-on states (taken from the training forward)
+    lora_dropout: float = 0.0  # > 0 costs saliences one dropout-free pass per micro-batch (SPEC 2b)
     target_modules: tuple[str, ...] | str = ALL_LINEAR  # every linear layer of a Qwen3/Llama block
     learning_rate: float = 1e-5  # LoRA needs ~10x the full-finetune GRPO rate
     max_steps: int = 100
@@ -276,6 +276,8 @@ TRAINING_MODULES = (
     "arca.credit",
     "arca.credit_config",
     "arca.signals",
+    "arca.lora_local",
+    "arca.precision",
     "arca.grading",
     "arca.diagnostics",
 )

@@ -42,18 +42,3 @@ def require(mapping: dict[str, Any], dotted: str, kind: type | tuple[type, ...],
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(k.__name__ for k in kinds)
-
-
-def credit_config(params: dict[str, Any], method: str):
-    """The run's `CreditConfig` from params.yaml `credit:` and `diagnostics:` (validated, keys named)."""
-    from arca.credit_config import CreditConfig  # torch-free import path is not needed by other helpers
-
-    credit = section(params, "credit")
-    diag = params.get("diagnostics") or {}
-    keys = ("scheme", "tau", "mix", "w_max", "layer", "eps", "top_entropy_quantile", "sharpening", "reference")
-    keys += ("salience_dropout",)
-    return CreditConfig(
-        method=method,
-        **{k: credit[k] for k in keys if k in credit},
-        **{k: diag[k] for k in ("etr_uniform", "etr_concentrated") if k in diag},
-    )

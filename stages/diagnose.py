@@ -21,7 +21,8 @@ import pandas as pd
 from arca.concentration import dump_signals, noise_table, signal_agreement, trajectory_table
 from arca.diagnostics import aggregate
 from arca.io import write_json, write_parquet
-from stages.common import credit_config, load_params, section
+from stages.common import load_params, section
+from stages.credit_params import credit_config
 
 OUT = Path("data/diagnostics")
 log = logging.getLogger("stages.diagnose")

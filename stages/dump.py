@@ -23,7 +23,8 @@ from arca.io import read_json, write_parquet
 from arca.models import resolve_dtype
 from arca.rollouts import generate
 from arca.signals import SIGNAL_NAMES
-from stages.common import credit_config, load_params, section
+from stages.common import load_params, section
+from stages.credit_params import credit_config
 from stages.runs import load_base_model, params_hash, run_id, snapshots, with_adapter
 
 log = logging.getLogger("stages.dump")

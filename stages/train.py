@@ -17,7 +17,8 @@ from typing import Any
 
 import click
 
-from stages.common import credit_config, load_params, section
+from stages.common import load_params, section
+from stages.credit_params import credit_config
 
 MODEL_DIR = Path("data/models/base")
 TRAIN_PATH = Path("data/prepared/train.parquet")
