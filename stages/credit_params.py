@@ -10,13 +10,11 @@ from stages.common import section
 
 
 def credit_config(params: dict[str, Any], method: str):
-    """The run's `CreditConfig` from params.yaml `credit:` and `diagnostics:` (validated, keys named)."""
+    """The run's `CreditConfig` from params.yaml `credit:` (validated)."""
     credit = section(params, "credit")
-    diag = params.get("diagnostics") or {}
     keys = ("scheme", "tau", "mix", "w_max", "layer", "eps", "top_entropy_quantile", "sharpening", "reference")
     keys += ("salience_dropout",)
     return CreditConfig(
         method=method,
         **{k: credit[k] for k in keys if k in credit},
-        **{k: diag[k] for k in ("etr_uniform", "etr_concentrated") if k in diag},
     )

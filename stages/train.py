@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,17 +83,19 @@ def settings_from_params(params: dict[str, Any], method: str, rank: int, seed: i
     return settings, credit
 
 
-def relaunch_under_accelerate(params: dict[str, Any]) -> None:
-    """With `train.num_processes > 1`, re-exec this very command under `accelerate launch` (TRL's own
-    multi-GPU mechanism), so dvc.yaml keeps one command for every profile."""
+def check_world_size(params: dict[str, Any]) -> None:
+    """`train.num_processes` must be what the launcher started: dvc.yaml runs `${train.launcher} -m stages.train`,
+    so a multi-process run is `accelerate launch --num_processes N ...` there, never a re-exec from inside this
+    stage (a re-exec that `accelerate launch` answered with a single process recursed without end)."""
     n = (params.get("train") or {}).get("num_processes", 1)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise click.ClickException(f"params.yaml: train.num_processes must be an int >= 1, got {n!r}")
-    if n == 1 or "LOCAL_RANK" in os.environ:  # single process, or already a launched worker
-        return
-    cmd = ["accelerate", "launch", "--num_processes", str(n), "-m", "stages.train", *sys.argv[1:]]
-    logging.getLogger(__name__).info("relaunching: %s", " ".join(cmd))
-    os.execvp(cmd[0], cmd)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != n:
+        raise click.ClickException(
+            f"params.yaml: train.num_processes is {n} but this stage runs in {world} process(es); set "
+            f"train.launcher to `accelerate launch --num_processes {n}` (or num_processes to {world})"
+        )
 
 
 @click.command()
@@ -107,7 +108,7 @@ def relaunch_under_accelerate(params: dict[str, Any]) -> None:
 )
 def main(method: str, rank: int, seed: int, params_path: str, out: str | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    relaunch_under_accelerate(load_params(params_path))
+    check_world_size(load_params(params_path))
     out_dir = Path(out) if out else Path("data/runs") / f"{method}-r{rank}-s{seed}"
     try:
         settings, credit = settings_from_params(load_params(params_path), method, rank, seed, out_dir)
