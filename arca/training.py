@@ -9,6 +9,13 @@ Layout of `output_dir`:
     log.tsv                 one row per logging step, columns `LOG_COLUMNS`
     budget.json             rollouts and generated tokens, so equal budgets can be checked
     metrics.json            final summary
+
+The paper-protocol knobs (`grader`, `lr_scheduler_type`, `warmup_steps`, `max_grad_norm`, `weight_decay`,
+`max_prompt_length`) default to what TRL/HF use when they are not set, so a run that leaves them alone trains
+exactly as before. TRL 1.16's `GRPOConfig` has no prompt-length limit (it never truncates prompts), so
+`max_prompt_length` drops the training problems whose prompt is longer, before training, and records how many
+(`budget.json` `prompts_too_long`); the ARCA paper truncates them instead (its tokenizer call keeps the first
+512 tokens), which would cut the problem statement short.
 """
 
 from __future__ import annotations
@@ -30,13 +37,14 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
-from trl import GRPOConfig
 
+from arca.config import CreditGRPOConfig, credit_arguments
 from arca.credit_config import CreditConfig
-from arca.grading import accuracy_reward
+from arca.grading import REWARD_FUNCS, reward_function
 from arca.io import write_json
 from arca.models import DTYPES as MODEL_DTYPES
 from arca.models import resolve_dtype
+from arca.rollouts import prompt_token_ids
 from arca.run_files import RunRecorder, json_safe, resume_point, save_adapter
 from arca.trainer import CreditGRPOTrainer
 
@@ -44,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", *MODEL_DTYPES)
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's
+# HF schedulers that need no extra kwargs (`cosine_with_min_lr`, `warmup_stable_decay`, ... do, and are left out).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+LR_SCHEDULERS += ("inverse_sqrt",)
 DATA_COLUMNS = ("prompt_id", "prompt", "answer")
 SUMMARY_COLUMNS = ("reward", "frac_mixed_groups", "kl", "entropy", "completion_length")
 SUMMARY_COLUMNS += ("gini", "etr", "fallback_rate", "max_weight")
@@ -74,6 +85,10 @@ class TrainSettings:
             `prompts_per_step` prompts x `num_generations` completions, split into
             `gradient_accumulation_steps` micro-batches per process.
         top_p, top_k: None leaves sampling unfiltered.
+        grader: the training reward, a name of `arca.grading.REWARD_FUNCS` (`math_verify` or the paper's `exact`).
+        lr_scheduler_type, warmup_steps, max_grad_norm, weight_decay: HF `TrainingArguments`, passed through
+            (defaults: HF's; the paper: cosine, 10, 1.0, 0.0); `max_grad_norm` 0 turns clipping off.
+        max_prompt_length: drop training problems whose prompt (as TRL tokenizes it) is longer; None keeps all.
         dtype: `auto` = bfloat16 on CUDA, float32 on CPU.
         use_vllm: TRL's vLLM generation, passed through (untested here).
         chat_template_kwargs: passed to `apply_chat_template` (e.g. `{"enable_thinking": False}`).
@@ -97,6 +112,12 @@ class TrainSettings:
     top_p: float | None = None
     top_k: int | None = None
     loss_type: str = "dapo"  # TRL's default: token-level normalization without length bias
+    grader: str = "math_verify"  # equivalence, not string equality: `0.5` earns credit against `\frac{1}{2}`
+    lr_scheduler_type: str = "linear"  # HF's default (decays to 0 at max_steps)
+    warmup_steps: int = 0  # HF's default
+    max_grad_norm: float = 1.0  # HF's default: clip the global gradient norm at 1
+    weight_decay: float = 0.0  # HF's default: no decay
+    max_prompt_length: int | None = None  # TRL has no limit; None keeps every problem
     save_steps: int = 50
     logging_steps: int = 1  # one log.tsv row per optimizer step
     gradient_accumulation_steps: int = 1
@@ -140,6 +161,29 @@ class TrainSettings:
             self,
         )
         _require(self.loss_type in LOSS_TYPES, "loss_type", f"one of {', '.join(LOSS_TYPES)}", self)
+        _require(self.grader in REWARD_FUNCS, "grader", f"one of {', '.join(REWARD_FUNCS)}", self)
+        _require(
+            self.lr_scheduler_type in LR_SCHEDULERS, "lr_scheduler_type", f"one of {', '.join(LR_SCHEDULERS)}", self
+        )
+        _require(
+            isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool) and self.warmup_steps >= 0,
+            "warmup_steps",
+            "an int >= 0 (optimizer steps)",
+            self,
+        )
+        for name in ("max_grad_norm", "weight_decay"):
+            _require(_finite(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0", self)
+        _require(
+            self.max_prompt_length is None
+            or (
+                isinstance(self.max_prompt_length, int)
+                and not isinstance(self.max_prompt_length, bool)
+                and self.max_prompt_length > 0
+            ),
+            "max_prompt_length",
+            "null or an int > 0 (tokens)",
+            self,
+        )
         _require(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}", self)
         modules = self.target_modules
         _require(
@@ -189,8 +233,31 @@ def load_prompts(path: Path) -> Dataset:
     return Dataset(table)
 
 
-def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int | None = None) -> GRPOConfig:
-    """TRL config for `settings`: the same for every method except `top_entropy_quantile`."""
+def drop_long_prompts(
+    dataset: Dataset, tokenizer: Any, max_prompt_length: int | None, chat_template_kwargs: dict | None = None
+) -> tuple[Dataset, int]:
+    """(`dataset` without the rows whose prompt is longer than `max_prompt_length` tokens, how many went).
+
+    Lengths are counted as TRL tokenizes the prompts (`arca.rollouts.prompt_token_ids`: the chat template for
+    messages, plain text for raw prompts). None keeps every row.
+    """
+    if max_prompt_length is None:
+        return dataset, 0
+    lengths = [len(ids) for ids in prompt_token_ids(tokenizer, dataset["prompt"], chat_template_kwargs)]
+    keep = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
+    if not keep:
+        raise ValueError(
+            f"params.yaml: train.max_prompt_length = {max_prompt_length} tokens drops every training prompt "
+            f"(the shortest has {min(lengths)}); raise it or use null"
+        )
+    dropped = len(lengths) - len(keep)
+    if dropped:
+        logger.info("max_prompt_length=%d: dropped %d of %d training prompts", max_prompt_length, dropped, len(lengths))
+    return (dataset.select(keep) if dropped else dataset), dropped
+
+
+def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int | None = None) -> CreditGRPOConfig:
+    """TRL config for `settings` plus the run's credit fields (the public `CreditGRPOConfig`, one config path)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     per_step = settings.rollouts_per_step
     if per_step % (settings.gradient_accumulation_steps * world_size) != 0:
@@ -200,7 +267,7 @@ def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int |
             f"{settings.gradient_accumulation_steps} x {world_size}"
         )
     dtype, cuda = resolve_dtype(settings.dtype), torch.cuda.is_available()
-    return GRPOConfig(
+    return CreditGRPOConfig(
         output_dir=str(Path(settings.output_dir) / "checkpoints"),
         seed=settings.seed,
         learning_rate=settings.learning_rate,
@@ -214,7 +281,10 @@ def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int |
         top_p=1.0 if settings.top_p is None else settings.top_p,
         top_k=0 if settings.top_k is None else settings.top_k,
         loss_type=settings.loss_type,
-        top_entropy_quantile=credit.top_entropy_quantile if credit.method == "top_entropy" else 1.0,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        warmup_steps=settings.warmup_steps,
+        max_grad_norm=settings.max_grad_norm,
+        weight_decay=settings.weight_decay,
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=2,  # the last one, plus the one before in case the last was cut mid-write
@@ -225,6 +295,7 @@ def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int |
         use_vllm=settings.use_vllm,
         gradient_checkpointing=settings.gradient_checkpointing,
         chat_template_kwargs=dict(settings.chat_template_kwargs) or None,
+        **credit_arguments(credit),
     )
 
 
@@ -271,6 +342,11 @@ def run_fingerprint(settings: TrainSettings, credit: CreditConfig, reward_funcs:
 
 TRAINING_MODULES = (
     "arca.trainer",
+    "arca.config",
+    "arca.capture",
+    "arca.noise_probe",
+    "arca.credit_log",
+    "arca.sampler",
     "arca.training",
     "arca.run_files",
     "arca.credit",
@@ -280,6 +356,7 @@ TRAINING_MODULES = (
     "arca.precision",
     "arca.grading",
     "arca.diagnostics",
+    "arca.rollouts",  # prompt tokenization decides which prompts `max_prompt_length` keeps
 )
 
 
@@ -295,7 +372,7 @@ def run_training(
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
     *,
-    reward_funcs: Sequence[Callable[..., list[float]]] = (accuracy_reward,),
+    reward_funcs: Sequence[Callable[..., list[float]]] | None = None,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, Any]:
     """Train (or resume, or finish) one run and write its outputs; see the module docstring.
@@ -303,12 +380,13 @@ def run_training(
     Args:
         settings, credit: the run. model, tokenizer: loaded from `settings.model_dir` when None (the model
             must be the base model, not a `PeftModel`).
-        reward_funcs: TRL reward functions.
+        reward_funcs: TRL reward functions; None: the one `settings.grader` names.
         callbacks: extra `TrainerCallback`s (e.g. to stop a test run mid-way).
 
     Returns:
         The summary written to metrics.json.
     """
+    reward_funcs = (reward_function(settings.grader),) if reward_funcs is None else tuple(reward_funcs)
     dataset = load_prompts(settings.train_path)
     out = Path(settings.output_dir)
     fingerprint = run_fingerprint(settings, credit, reward_funcs)
@@ -319,6 +397,9 @@ def run_training(
             model = AutoModelForCausalLM.from_pretrained(settings.model_dir, dtype=resolve_dtype(settings.dtype))
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(settings.model_dir)
+        dataset, too_long = drop_long_prompts(
+            dataset, tokenizer, settings.max_prompt_length, settings.chat_template_kwargs
+        )
         recorder = RunRecorder(out, settings.save_steps, settings.max_steps, fingerprint, prior, prior_rows)
         trainer = CreditGRPOTrainer(
             model=model,
@@ -328,7 +409,6 @@ def run_training(
             processing_class=tokenizer,
             peft_config=lora_config(settings),
             callbacks=[recorder, *callbacks],
-            credit=credit,
         )
         recorder.trainer = trainer
         trainer.generated_tokens = int(prior.get("generated_tokens", 0))
@@ -338,10 +418,12 @@ def run_training(
         if last:
             logger.info("resuming %s from %s", out, last)
         trainer.train(resume_from_checkpoint=last)
-    return _finish(trainer, recorder, settings, credit) if trainer.is_world_process_zero() else {}
+    return _finish(trainer, recorder, settings, credit, too_long) if trainer.is_world_process_zero() else {}
 
 
-def _finish(trainer: CreditGRPOTrainer, recorder: RunRecorder, settings: TrainSettings, credit: CreditConfig) -> dict:
+def _finish(
+    trainer: CreditGRPOTrainer, recorder: RunRecorder, settings: TrainSettings, credit: CreditConfig, too_long: int
+) -> dict:
     """Write adapter/, budget.json and metrics.json; return the metrics."""
     out, steps = Path(settings.output_dir), trainer.state.global_step
     save_adapter(trainer.model, out / "adapter")
@@ -356,6 +438,8 @@ def _finish(trainer: CreditGRPOTrainer, recorder: RunRecorder, settings: TrainSe
         "generated_tokens": trainer.generated_tokens,
         "wall_seconds": round(recorder.wall_seconds(), 3),
     }
+    if settings.max_prompt_length is not None:  # absent otherwise: the default's budget.json stays as it was
+        budget["prompts_too_long"] = too_long
     write_json(out / "budget.json", json_safe(budget))
     metrics = json_safe(summarize(recorder.rows, credit, settings, steps))
     write_json(out / "metrics.json", metrics)

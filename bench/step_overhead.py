@@ -112,7 +112,6 @@ class Stepper:
             train_dataset=dataset,
             processing_class=word_tokenizer(size.vocab),
             peft_config=lora_config(settings),
-            credit=credit,
         )
         self.trainer.current_gradient_accumulation_steps = 1
         self.optimizer = self.trainer.create_optimizer()

@@ -1,13 +1,18 @@
-"""Stage `evaluate@<run>` / `evaluate_base`: held-out accuracy (pass@1 greedy, mean@k sampled) of one
-run's final adapter, or of the base model, graded by math-verify.
+"""Stage `evaluate@<run>` / `evaluate_base`: held-out accuracy (pass@1 greedy; mean@k and pass@k over k samples)
+of one run's final adapter, or of the base model, graded by math-verify and by the paper's `exact` grader.
 
     python -m stages.evaluate --method arca --rank 8 --seed 0     # a trained run
     python -m stages.evaluate --base                              # the base model
+
+Params `evaluate`: k, max_new_tokens, batch_size, temperature, seed, primary, and `top_p` / `top_k` (null:
+unfiltered sampling; the paper samples its pass@4 at temperature 1.0 and top-p 0.95). The JSON keeps its
+fields (`pass@1`, `mean@<k>`, `n` per set) and adds `pass_at_k` and the `exact_` ones (see arca.evaluation).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import click
@@ -21,6 +26,29 @@ from stages.runs import load_base_model, run_id, with_adapter
 OUT = Path("data/eval")
 
 
+def _number(value: object) -> float | None:
+    """A params number (YAML may read `1e-3` as a string), or None when it is not one."""
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def sampling(block: dict) -> dict:
+    """`temperature`, `top_p`, `top_k` of the k samples, validated; null top_p / top_k leave sampling unfiltered."""
+    temperature = _number(block.get("temperature", 1.0))
+    if temperature is None or temperature <= 0:
+        raise ValueError(f"params.yaml: evaluate.temperature must be > 0, got {block.get('temperature')!r}")
+    top_p = 1.0 if block.get("top_p") is None else _number(block["top_p"])
+    if top_p is None or not 0 < top_p <= 1:
+        raise ValueError(f"params.yaml: evaluate.top_p must be null or in (0, 1], got {block.get('top_p')!r}")
+    top_k = block.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise ValueError(f"params.yaml: evaluate.top_k must be null or an int >= 0, got {top_k!r}")
+    return {"temperature": temperature, "top_p": top_p, "top_k": 0 if top_k is None else top_k}
+
+
 def check(block: dict) -> None:
     for key in ("k", "max_new_tokens", "batch_size"):
         value = block.get(key)
@@ -29,6 +57,7 @@ def check(block: dict) -> None:
                 f"params.yaml: evaluate.{key} must be a {'non-negative' if key == 'k' else 'positive'} "
                 f"int, got {value!r}"
             )
+    sampling(block)
 
 
 @click.command()
@@ -59,7 +88,7 @@ def main(method: str | None, rank: int | None, seed: int | None, is_base: bool, 
         problems,
         k=block["k"],
         max_new_tokens=block["max_new_tokens"],
-        temperature=float(block.get("temperature", 1.0)),
+        **sampling(block),
         seed=int(block.get("seed", 0)),
         batch_size=block["batch_size"],
         chat_template_kwargs=model_params.get("chat_template_kwargs"),

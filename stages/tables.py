@@ -3,9 +3,10 @@ run ids, the md5 (as in dvc.lock) of the adapter or dump it came from, and the g
 
     python -m stages.tables [--params params.yaml]
 
-Tables: accuracy, concentration (noise-dominated signals marked when a run is low-precision), agreement,
-and noise (SPEC 2b: each signal's rounding noise against float32; one line saying so when every run is
-float32).
+Tables: accuracy (95% intervals over problems, spread over seeds, paired difference to uniform: arca.stats;
+the CSV holds the numbers, Markdown and LaTeX the formatted cells), concentration (noise-dominated signals
+marked when a run is low-precision), agreement, and noise (SPEC 2b: each signal's rounding noise against
+float32; one line saying so when every run is float32).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import pandas as pd
 from arca.io import read_json, write_json, write_text
 from arca.lineage import dvc_md5, git_revision
 from arca.tables import (
+    ACCURACY_FOOTNOTE,
     NO_LOW_PRECISION,
     NOISE_FOOTNOTE,
+    accuracy_stats,
     accuracy_table,
     agreement_table,
     concentration_table,
     noise_summary_table,
+    run_accuracy,
     to_latex,
     to_markdown,
 )
@@ -32,26 +36,37 @@ from arca.tables import (
 RESULTS = Path("results/tables")
 
 
-def read_evals() -> pd.DataFrame:
-    rows = []
+# grader -> prefix of its per-problem columns in data/eval/<run>.parquet (as arca.evaluation.PREFIXES; not
+# imported, so this stage needs no torch): greedy 0/1, mean_k, pass_k. A grader is reported where its greedy
+# column is present; pass_k is absent in evaluations written before it existed.
+GRADER_PREFIXES = {"math_verify": "", "exact": "exact_"}
+
+
+def read_scores() -> pd.DataFrame:
+    """One row per run x grader x problem: run, method, rank, seed, k, grader, eval_set, prompt_id, pass@1,
+    mean@k, pass@k (NaN where a run has none: k = 0, or no pass_k column), from each evaluated run's JSON
+    (identity, k) and its per-problem Parquet (scores)."""
+    frames = []
     for path in sorted(Path("data/eval").glob("*.json")):
         record = read_json(path)
-        for eval_set, stats in record["sets"].items():
-            mean_k = next((v for k, v in stats.items() if k.startswith("mean@")), float("nan"))
-            rows.append(
-                {
-                    "run": record["run"],
-                    "method": record["method"],
-                    "rank": record["rank"],
-                    "seed": record["seed"],
-                    "eval_set": eval_set,
-                    "pass@1": stats["pass@1"],
-                    "mean@k": mean_k,
-                }
-            )
-    if not rows:
+        per_problem_path = path.with_suffix(".parquet")
+        if not per_problem_path.is_file():
+            raise FileNotFoundError(f"{per_problem_path}: per-problem scores missing; run `dvc repro evaluate` first")
+        per_problem = pd.read_parquet(per_problem_path)
+        k = int(record.get("k", 0))
+        for grader, prefix in GRADER_PREFIXES.items():
+            if f"{prefix}greedy" not in per_problem.columns:
+                continue
+            frame = per_problem[["prompt_id", "eval_set"]].copy()
+            frame["pass@1"] = per_problem[f"{prefix}greedy"].astype(float)
+            for score, column in (("mean@k", f"{prefix}mean_k"), ("pass@k", f"{prefix}pass_k")):
+                present = k > 0 and column in per_problem.columns
+                frame[score] = per_problem[column].astype(float) if present else float("nan")
+            identity = {key: record[key] for key in ("run", "method", "rank", "seed")}
+            frames.append(frame.assign(**identity, k=k, grader=grader))
+    if not frames:
         raise FileNotFoundError("data/eval holds no results; run the evaluate stages first")
-    return pd.DataFrame(rows)
+    return pd.concat(frames, ignore_index=True)
 
 
 def read_budgets() -> pd.DataFrame:
@@ -77,32 +92,45 @@ def lineage(runs: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "adapter_md5", "dump_md5"])
 
 
-def write_table(name: str, df: pd.DataFrame, caption: str, note: str | None = None, empty: str | None = None) -> None:
-    """`name`.{md,csv,tex}; `note` goes under the table, `empty` replaces an empty one (the CSV keeps the header)."""
+def write_table(
+    name: str,
+    df: pd.DataFrame,
+    caption: str,
+    note: str | None = None,
+    empty: str | None = None,
+    csv: pd.DataFrame | None = None,
+) -> None:
+    """`name`.{md,csv,tex}; `note` goes under the table, `empty` replaces an empty one (the CSV keeps the header);
+    `csv`, when given, is what the CSV holds instead of `df` (numbers rather than formatted cells)."""
     if df.empty and empty:
         note, body = empty, empty + "\n"
     else:
         body = to_markdown(df) + (f"\n{note}\n" if note else "")
     write_text(RESULTS / f"{name}.md", f"<!-- {caption} -->\n" + body)
-    write_text(RESULTS / f"{name}.csv", df.to_csv(index=False, lineterminator="\n"))
+    write_text(RESULTS / f"{name}.csv", (df if csv is None else csv).to_csv(index=False, lineterminator="\n"))
     write_text(RESULTS / f"{name}.tex", to_latex(df, caption, note))
 
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
 def main(params_path: str) -> None:
-    evals = read_evals()
+    scores = read_scores()
     summary = pd.read_parquet("data/diagnostics/summary.parquet")
     agreement = pd.read_parquet("data/diagnostics/agreement.parquet")
     noise = pd.read_parquet("data/diagnostics/noise.parquet")
-    runs = sorted(set(evals["run"]) | set(summary["run"]))
+    runs = sorted(set(scores["run"]) | set(summary["run"]))
     lin = lineage(runs)
     rev = git_revision()
+    accuracy = accuracy_stats(scores, read_budgets(), lin)
+    write_table(
+        "accuracy",
+        accuracy_table(accuracy).assign(git_rev=rev),
+        "Held-out accuracy per grader x eval set x method x rank with 95% intervals over problems (one seed) "
+        "or mean ± std over seeds, the paired difference to uniform, and the rollout budget",
+        ACCURACY_FOOTNOTE,
+        csv=accuracy.round(6).assign(git_rev=rev),
+    )
     tables = {
-        "accuracy": (
-            accuracy_table(evals, read_budgets(), lin),
-            "Held-out accuracy per method x rank, mean ± std over seeds, with the rollout budget",
-        ),
         "concentration": (
             concentration_table(summary, lin, noise),
             "Credit-weight concentration per signal x rank x training phase (probe rollouts, normalized weights)",
@@ -120,11 +148,7 @@ def main(params_path: str) -> None:
     for name, (df, caption) in tables.items():
         note = NOISE_FOOTNOTE if "noise_dominated" in df.columns else None
         write_table(name, df.assign(git_rev=rev), caption, note, empty=NO_LOW_PRECISION if name == "noise" else None)
-    headline = {
-        run: {row["eval_set"]: {"pass@1": row["pass@1"], "mean@k": row["mean@k"]} for _, row in part.iterrows()}
-        for run, part in evals.groupby("run", sort=True)
-    }
-    write_json("metrics/accuracy.json", headline)
+    write_json("metrics/accuracy.json", run_accuracy(scores))
 
 
 if __name__ == "__main__":

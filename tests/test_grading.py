@@ -1,4 +1,5 @@
-"""Tests for arca.grading: boxed extraction, math-verify equivalence, hostile inputs, threads, MATH-500."""
+"""Tests for arca.grading: boxed extraction, math-verify equivalence, the paper's `exact` grader, hostile inputs,
+threads, MATH-500, the grader registry."""
 
 from __future__ import annotations
 
@@ -9,7 +10,18 @@ import time
 
 import pytest
 
-from arca.grading import MAX_ANSWER_CHARS, accuracy_reward, extract_boxed, math_reward
+from arca.grading import (
+    GRADERS,
+    MAX_ANSWER_CHARS,
+    REWARD_FUNCS,
+    accuracy_reward,
+    exact_accuracy_reward,
+    exact_reward,
+    extract_boxed,
+    math_reward,
+    normalize_exact,
+    reward_function,
+)
 
 
 @pytest.mark.parametrize(
@@ -149,3 +161,78 @@ def test_math500_references_grade_themselves(shared_data):
             wrong += 1
             assert math_reward(row["solution"], other["answer"]) == 0.0, row["unique_id"]
     assert wrong >= 95
+
+
+# ---- exact (the paper's grader, SPEC 7) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "normalized"),
+    [
+        ("  3  ", "3"),
+        ("x  =\n 3", "x = 3"),  # whitespace runs collapse to one space
+        ("5.", "5"),
+        ("5..", "5"),  # every trailing period, as the paper's rstrip(".")
+        ("5 .", "5"),  # collapse, drop the period, strip again
+        (r"\left( 3, \frac{\pi}{2} \right)", r"( 3, \frac{\pi}{2} )"),
+        (r"10\,000", "10000"),
+        (r"a\;b\!c", "abc"),
+        (r"5 \text{ cm}", "5 { cm}"),  # only the command goes: its braces stay, as in the paper
+        (r"\text{(C)}", "{(C)}"),
+        (r"\dfrac{1}{2}", r"\frac{1}{2}"),
+        (r"\tfrac{3}{4}", r"\frac{3}{4}"),
+        (r"\textbf{A}", "bf{A}"),  # `\text` is removed wherever it occurs, as the paper's str.replace does
+        (r"\leftarrow", "arrow"),
+        ("ABC", "ABC"),  # no lowercasing
+        (r"30^\circ", r"30^\circ"),
+    ],
+)
+def test_normalize_exact(answer, normalized):
+    assert normalize_exact(answer) == normalized
+
+
+@pytest.mark.parametrize(
+    ("completion", "reference", "expected"),
+    [
+        (r"so $\boxed{\dfrac{1}{2}}$.", r"\frac{1}{2}", 1.0),
+        (r"\boxed{\frac12}", r"\frac{1}{2}", 0.0),  # math-verify says equal; exact does not
+        (r"\boxed{0.5}", r"\frac{1}{2}", 0.0),
+        (r"\boxed{x=3}", "3", 0.0),
+        (r"\boxed{5}", r"We get $\boxed{5}$.", 1.0),  # reference as a whole solution: its last box
+        (r"\boxed{\left[ -2, 5 \right)}", r"[ -2, 5 )", 1.0),
+        (r"\boxed{10\,000.}", "10000", 1.0),
+        (r"\boxed{\text{(C)}}", r"\text{(C)}", 1.0),
+        (r"\boxed{(C)}", r"\text{(C)}", 0.0),  # `\text{(C)}` normalizes to `{(C)}`
+        (r"\boxed{}", "3", 0.0),
+        ("the answer is 3", "3", 0.0),  # no box, no credit
+        (r"\boxed{3", "3", 0.0),  # unterminated
+        (r"\boxed{2} then \boxed{3}", "3", 1.0),
+    ],
+)
+def test_exact_reward(completion, reference, expected):
+    assert exact_reward(completion, reference) == expected
+
+
+def test_registries_and_trl_reward_functions():
+    assert GRADERS == {"math_verify": math_reward, "exact": exact_reward}
+    assert REWARD_FUNCS == {"math_verify": accuracy_reward, "exact": exact_accuracy_reward}
+    assert reward_function("exact") is exact_accuracy_reward
+    with pytest.raises(ValueError, match=r"train\.grader must be one of math_verify, exact, got 'sympy'"):
+        reward_function("sympy")
+    completions = [r"\boxed{\frac12}", [{"role": "assistant", "content": r"\boxed{\dfrac{1}{2}}"}]]
+    assert exact_accuracy_reward(completions=completions, answer=[r"\frac{1}{2}"] * 2) == [0.0, 1.0]
+    assert accuracy_reward(completions=completions, answer=[r"\frac{1}{2}"] * 2) == [1.0, 1.0]
+    assert exact_accuracy_reward.__name__ == "accuracy_exact"
+    with pytest.raises(ValueError, match="answer"):
+        exact_accuracy_reward(completions=["a", "b"], answer=["1"])
+
+
+def test_exact_on_math_references(shared_data):
+    """Every MATH-500 solution earns its given `answer` under `exact` too, so its `answer` field and the box of its
+    solution are interchangeable references for this grader."""
+    path = shared_data / "math500" / "test.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert [r["unique_id"] for r in rows if exact_reward(r["solution"], r["answer"]) != 1.0] == []
+    assert all(normalize_exact(extract_boxed(r["solution"])) for r in rows)

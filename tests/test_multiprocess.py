@@ -52,7 +52,17 @@ def test_two_gloo_processes_train_one_step_and_agree(tmp_path):
     (tmp_path / "driver.py").write_text(DRIVER)
     # --multi_gpu is torchrun under the hood; with no GPU each process takes the gloo backend (`--cpu` alone
     # would start a single process: its multi-CPU path needs mpirun).
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    cmd = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+    ]
     cmd += ["--dynamo_backend", "no", "driver.py", "--method", "arca", "--rank", "4", "--seed", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

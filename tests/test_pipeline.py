@@ -20,7 +20,12 @@ from arca.dump import dump_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
-    "study": {"methods": ["uniform", "arca"], "ranks": [4], "seeds": [0]},
+    "study": {
+        "runs": {
+            "uniform-r4-s0": {"method": "uniform", "rank": 4, "seed": 0},
+            "arca-r4-s0": {"method": "arca", "rank": 4, "seed": 0},
+        }
+    },
     "model": {"profile": "tiny", "dtype": "float32"},
     "data": {"train": {"n": 8}, "eval": {"arithmetic": {"n": 4}, "math": {"n": 2}}, "probe": {"n": 2}},
     "train": {
@@ -62,6 +67,7 @@ def repo(tmp_path_factory) -> Path:
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    params["study"] = TINY["study"]  # the runs are replaced, not merged with the default's
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _run([str(dvc), "init", "-q"], root)

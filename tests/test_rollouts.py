@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from arca.rollouts import completion_mask_from_ids, generate
+from arca.rollouts import completion_mask_from_ids, generate, is_chat, prompt_token_ids
 from tests.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = [[{"role": "user", "content": "1+1"}], [{"role": "user", "content": "what is 22 + 3?"}]]
@@ -35,3 +36,37 @@ def test_greedy_ignores_seed_and_batching():
     a = generate(model, tok, PROMPTS, samples=1, max_new_tokens=5, greedy=True, seed=1, batch_size=1)
     b = generate(model, tok, PROMPTS, samples=1, max_new_tokens=5, greedy=True, seed=2, batch_size=2)
     assert a.texts == b.texts
+
+
+RAW_PROMPTS = ["Solve: 1+1\n", "Problem: what is 22 + 3?\n"]
+
+
+def test_raw_prompts_generate_as_plain_text():
+    model, tok = tiny_model(), tiny_tokenizer()
+    out = generate(model, tok, RAW_PROMPTS, samples=2, max_new_tokens=4, greedy=False, seed=3, batch_size=4)
+    assert out.input_ids.shape[0] == 4 and out.prompt_index.tolist() == [0, 0, 1, 1]
+    longest = max(len(ids) for ids in prompt_token_ids(tok, RAW_PROMPTS))
+    assert out.prompt_length == longest  # no chat template around the text
+    assert "<|im_start|>" not in tok.decode(out.input_ids[0, : out.prompt_length])
+
+
+def test_prompt_token_ids_match_trl_tokenization():
+    """What generation (and the prompt-length check) counts is what TRL's trainer feeds the model."""
+    tok = tiny_tokenizer()
+    assert prompt_token_ids(tok, RAW_PROMPTS) == tok(text=RAW_PROMPTS)["input_ids"]  # TRL, non-conversational
+    chat = tok.apply_chat_template(PROMPTS, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert prompt_token_ids(tok, PROMPTS) == [list(ids) for ids in chat["input_ids"]]
+    assert is_chat(PROMPTS) and not is_chat(RAW_PROMPTS)
+    with pytest.raises(ValueError, match="mixes raw strings and chat messages"):
+        is_chat([RAW_PROMPTS[0], PROMPTS[0]])
+
+
+def test_top_p_and_top_k_filter_sampling():
+    """A vanishing nucleus (or k = 1) leaves only the most likely token: sampling becomes greedy."""
+    model, tok = tiny_model(), tiny_tokenizer()
+    greedy = generate(model, tok, PROMPTS, samples=1, max_new_tokens=5, greedy=True)
+    for kwargs in ({"top_p": 1e-6}, {"top_k": 1}):
+        sampled = generate(model, tok, PROMPTS, samples=1, max_new_tokens=5, greedy=False, seed=5, **kwargs)
+        assert sampled.texts == greedy.texts, kwargs
+    pure = generate(model, tok, PROMPTS, samples=3, max_new_tokens=5, greedy=False, seed=5)
+    assert any(t != greedy.texts[i] for i, t in zip(pure.prompt_index.tolist(), pure.texts))

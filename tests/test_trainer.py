@@ -11,9 +11,11 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer
 
+from arca.capture import backbone, layer_module
+from arca.config import CreditGRPOConfig
 from arca.credit_config import METHODS, CreditConfig
 from arca.signals import compute_signals
-from arca.trainer import REF_KEY, CreditGRPOTrainer, _backbone, _layer_module
+from arca.trainer import REF_KEY, CreditGRPOTrainer
 from tests.tiny import tiny_model, tiny_tokenizer
 
 EOS_ID = 3
@@ -41,8 +43,9 @@ def model_with_eos() -> torch.nn.Module:
     return model
 
 
-def config(tmp_path, method: str = "uniform", **overrides) -> GRPOConfig:
-    """2 prompts x 4 generations per step, in 2 micro-batches of 4."""
+def config(tmp_path, method: str | None = None, credit_kwargs=None, **overrides) -> GRPOConfig:
+    """2 prompts x 4 generations per step, in 2 micro-batches of 4: TRL's `GRPOConfig` when `method` is None,
+    else a `CreditGRPOConfig` with `credit_method=method` and `credit_<k>=v` for each of `credit_kwargs`."""
     kwargs = {
         "output_dir": str(tmp_path),
         "per_device_train_batch_size": 4,
@@ -57,10 +60,12 @@ def config(tmp_path, method: str = "uniform", **overrides) -> GRPOConfig:
         "bf16": False,
         "seed": 0,
         "disable_tqdm": True,
-        "top_entropy_quantile": 0.2 if method == "top_entropy" else 1.0,
     }
     kwargs.update(overrides)
-    return GRPOConfig(**kwargs)
+    if method is None:
+        return GRPOConfig(**kwargs)
+    credit = {f"credit_{k}": v for k, v in (credit_kwargs or {}).items()}
+    return CreditGRPOConfig(credit_method=method, **credit, **kwargs)
 
 
 def lora() -> LoraConfig:
@@ -71,11 +76,10 @@ def make_trainer(tmp_path, method: str, model=None, credit_kwargs=None, **overri
     return CreditGRPOTrainer(
         model=model if model is not None else model_with_eos(),
         reward_funcs=letter_reward,
-        args=config(tmp_path, method, **overrides),
+        args=config(tmp_path, method, credit_kwargs, **overrides),
         train_dataset=prompts(),
         processing_class=tiny_tokenizer(),
         peft_config=lora(),
-        credit=CreditConfig(method=method, **(credit_kwargs or {})),
     )
 
 
@@ -199,7 +203,7 @@ def _count_backbone_calls(trainer) -> list[int]:
     def hook(module, args, kwargs):
         calls[0] += kwargs.get("use_cache") is False
 
-    _backbone(trainer.model).register_forward_pre_hook(hook, with_kwargs=True)
+    backbone(trainer.model).register_forward_pre_hook(hook, with_kwargs=True)
     return calls
 
 
@@ -249,30 +253,104 @@ def test_forward_passes_beyond_plain_trl(tmp_path, plain_trl_calls, method, beta
 
 def test_layer_module_matches_hf_hidden_states():
     model = tiny_model(num_hidden_layers=3)
-    backbone = _backbone(model)
+    decoder = backbone(model)
     kept = {}
     for layer in (0, 1, -2, -1, 3):
-        _layer_module(backbone, layer).register_forward_hook(
+        layer_module(decoder, layer).register_forward_hook(
             lambda m, a, out, layer=layer: kept.__setitem__(layer, getattr(out, "last_hidden_state", out))
         )
     hidden = model(input_ids=torch.tensor([[5, 6, 7]]), output_hidden_states=True).hidden_states
     for layer, value in kept.items():
         torch.testing.assert_close(value, hidden[layer], rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"credit\.layer"):
-        _layer_module(backbone, 4)
+    with pytest.raises(ValueError, match=r"^credit_layer: must be in \[-4, 3\] for this model"):
+        layer_module(decoder, 4)
 
 
 def test_setup_errors_name_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        make_trainer(tmp_path, "arca", top_entropy_quantile=0.5)
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        make_trainer(tmp_path, "top_entropy", top_entropy_quantile=1.0)
-    with pytest.raises(ValueError, match="peft_config"):
-        CreditGRPOTrainer(
+    def build(args, **kwargs):
+        return CreditGRPOTrainer(
             model=tiny_model(),
             reward_funcs=letter_reward,
-            args=config(tmp_path),
+            args=args,
             train_dataset=prompts(),
             processing_class=tiny_tokenizer(),
-            credit=CreditConfig("arca"),
+            **kwargs,
         )
+
+    with pytest.raises(ValueError, match=r"^top_entropy_quantile: would mask tokens on top of credit_method 'arca'"):
+        config(tmp_path, "arca", top_entropy_quantile=0.5)
+    with pytest.raises(ValueError, match="peft_config"):
+        build(config(tmp_path, "arca"))
+    with pytest.raises(ValueError, match=r"^args: CreditGRPOTrainer needs a CreditGRPOConfig"):
+        build(config(tmp_path))
+    with pytest.raises(ValueError, match=r"^credit: the credit comes from args"):
+        build(config(tmp_path, "arca"), credit=CreditConfig("kl"))
+    with pytest.raises(ValueError, match=r"^top_entropy_quantile: must equal"), pytest.warns(FutureWarning):
+        build(config(tmp_path, top_entropy_quantile=0.5), peft_config=lora(), credit=CreditConfig("top_entropy"))
+
+
+def test_deprecated_credit_keyword_with_a_plain_grpo_config(tmp_path):
+    """`credit=` next to a plain GRPOConfig still works (one source: the keyword), with a FutureWarning."""
+    with pytest.warns(FutureWarning, match="CreditGRPOConfig"):
+        trainer = CreditGRPOTrainer(
+            model=model_with_eos(),
+            reward_funcs=letter_reward,
+            args=config(tmp_path, max_steps=1),
+            train_dataset=prompts(),
+            processing_class=tiny_tokenizer(),
+            peft_config=lora(),
+            credit=CreditConfig("arca", reference="reuse"),
+        )
+    assert trainer.credit == CreditConfig("arca", reference="reuse") and not trainer._matched
+    trainer.train()
+    assert "credit/etr" in trainer.state.log_history[-2]
+
+
+def test_credit_comes_from_args(tmp_path):
+    trainer = make_trainer(tmp_path, "kl", credit_kwargs={"scheme": "rank", "mix": 0.5, "reference": "reuse"})
+    assert trainer.credit == trainer.args.credit == CreditConfig("kl", scheme="rank", mix=0.5, reference="reuse")
+    assert trainer.args.top_entropy_quantile == 1.0
+
+
+# ---- top_entropy: the loss gets exactly the mean-1 weights the log reports ---------------------------------------
+
+
+def test_top_entropy_loss_gets_the_logged_mean_one_weights(tmp_path):
+    trainer = make_trainer(tmp_path, "top_entropy", max_steps=1)
+    assert trainer.args.top_entropy_quantile == trainer.credit.top_entropy_quantile == 0.2  # set by the config
+    masks, inner = [], trainer.get_high_entropy_mask
+    trainer.get_high_entropy_mask = _chain(masks, trainer, inner)
+    batch = one_batch(trainer)
+    loss = trainer._compute_loss(trainer.model, batch)
+    kept, c = masks[-1], trainer.last_credit  # TRL's (B, T) bool mask of this micro-batch
+    mask = c["mask"].bool()
+    k = kept.sum(1, keepdim=True)  # (B, 1) kept tokens per row
+    expected = torch.where(k > 0, kept.float() * mask.sum(1, keepdim=True) / k.clamp_min(1), mask.float())
+    torch.testing.assert_close(c["weights"], expected, rtol=1e-6, atol=1e-6)  # SPEC 3: T / k on kept tokens
+    torch.testing.assert_close((c["weights"] * mask).sum(1), mask.sum(1).float())
+    assert torch.equal(c["fallback"], k.squeeze(1) == 0)
+    assert 0 < kept.sum() < mask.sum()
+    # The loss is TRL's GRPO loss of the per-token advantages A_i * w_i,t, with no entropy mask on top.
+    weighted = dict(batch, advantages=batch["advantages"][:, None] * c["weights"])
+    trainer.top_entropy_quantile = 1.0
+    torch.testing.assert_close(loss, GRPOTrainer._compute_loss(trainer, trainer.model, weighted), rtol=0, atol=0)
+    # What the log reports is these weights.
+    assert trainer._metrics["train"]["credit/max_weight"][-1] == pytest.approx(c["weights"].max().item())
+    assert trainer._metrics["train"]["credit/fallback_rate"][-1] == pytest.approx(c["fallback"].float().mean().item())
+
+
+def _chain(masks: list, trainer, inner):
+    """Wrap `get_high_entropy_mask` so the test sees TRL's own mask before the trainer turns it into weights."""
+
+    def wrapped(entropies, mask, threshold):
+        masks.append(GRPOTrainer.get_high_entropy_mask(trainer, entropies, mask, threshold))
+        return inner(entropies, mask, threshold)
+
+    return wrapped
+
+
+def one_batch(trainer) -> dict:
+    """One generated and scored training micro-batch, as TRL hands it to `_compute_loss`."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by train()
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))

@@ -12,10 +12,10 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from trl import GRPOTrainer
 
-from arca.credit_config import CreditConfig
+from arca.noise_probe import NOISE_SIGNALS
 from arca.run_files import LOG_COLUMNS
 from arca.signals import compute_signals
-from arca.trainer import NOISE_SIGNALS, CreditGRPOTrainer
+from arca.trainer import CreditGRPOTrainer
 from tests.test_trainer import (
     _count_backbone_calls,
     config,
@@ -23,6 +23,7 @@ from tests.test_trainer import (
     lora,
     make_trainer,
     model_with_eos,
+    one_batch,
     prompts,
 )
 from tests.tiny import tiny_tokenizer
@@ -70,13 +71,6 @@ def count_calls(trainer, method_name: str) -> list[int]:
 
 def dropout_lora(p: float = 0.5) -> LoraConfig:
     return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=p)
-
-
-def one_batch(trainer) -> dict:
-    """One generated and scored training micro-batch, as TRL hands it to `_compute_loss`."""
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by train()
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
 # ---- exact zeros at B = 0 in bfloat16 ---------------------------------------------------------------------------
@@ -209,11 +203,10 @@ def dropout_trainer(tmp_path, method: str, salience_dropout: bool) -> CreditGRPO
     trainer = CreditGRPOTrainer(
         model=model_with_eos(),
         reward_funcs=letter_reward,
-        args=config(tmp_path, method, max_steps=1, beta=0.0),
+        args=config(tmp_path, method, {"salience_dropout": salience_dropout}, max_steps=1, beta=0.0),
         train_dataset=prompts(),
         processing_class=tiny_tokenizer(),
         peft_config=dropout_lora(),
-        credit=CreditConfig(method=method, salience_dropout=salience_dropout),
     )
     fill_lora_b(trainer)
     return trainer

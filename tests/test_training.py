@@ -19,8 +19,9 @@ from transformers import TrainerCallback
 
 from arca.credit_config import CreditConfig
 from arca.run_files import LOG_COLUMNS, read_log, resume_point
-from arca.training import TrainSettings, run_fingerprint, run_training
+from arca.training import TrainSettings, drop_long_prompts, grpo_config, load_prompts, run_fingerprint, run_training
 from stages.train import main as train_cli
+from stages.train import settings_from_params
 from tests.tiny import tiny_model, tiny_tokenizer
 
 ADAPTER = "adapter_model.safetensors"
@@ -170,23 +171,6 @@ def test_changed_settings_start_over(tmp_path, train_path):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"method": "foo"}, "study.methods: unknown method 'foo'"),
-        ({"method": "arca", "tau": 0}, "credit.tau must be > 0, got 0"),
-        ({"method": "arca", "mix": 1.5}, r"credit.mix must be in \[0, 1\]"),
-        ({"method": "arca", "mix": -0.1}, r"credit.mix must be in \[0, 1\]"),
-        ({"method": "arca", "w_max": 0.5}, "credit.w_max must be null or >= 1"),
-        ({"method": "arca", "scheme": "max"}, "credit.scheme"),
-        ({"method": "arca", "etr_uniform": 0.2, "etr_concentrated": 0.3}, "diagnostics.etr_concentrated"),
-    ],
-)
-def test_credit_config_errors_name_the_key(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        CreditConfig(**kwargs)
-
-
-@pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"rank": 0}, "--rank must be an int > 0, got 0"),
@@ -196,6 +180,13 @@ def test_credit_config_errors_name_the_key(kwargs, message):
         ({"target_modules": ("q_proj", "lm_head")}, "lora.target_modules"),
         ({"gradient_accumulation_steps": 3}, "train.gradient_accumulation_steps must be a divisor of"),
         ({"dtype": "float64"}, "model.dtype"),
+        ({"grader": "sympy"}, "params.yaml: train.grader must be one of math_verify, exact, got 'sympy'"),
+        ({"lr_scheduler_type": "cosine_with_min_lr"}, "params.yaml: train.lr_scheduler_type must be one of linear"),
+        ({"warmup_steps": -1}, r"train.warmup_steps must be an int >= 0 \(optimizer steps\), got -1"),
+        ({"warmup_steps": 0.1}, "train.warmup_steps must be an int >= 0"),
+        ({"max_grad_norm": -1.0}, "train.max_grad_norm must be a number >= 0, got -1.0"),
+        ({"weight_decay": float("nan")}, "train.weight_decay must be a number >= 0"),
+        ({"max_prompt_length": 0}, r"train.max_prompt_length must be null or an int > 0 \(tokens\), got 0"),
     ],
 )
 def test_train_settings_errors_name_the_key(tmp_path, overrides, message):
@@ -234,7 +225,7 @@ def _cli(tmp_path, monkeypatch, params: dict, *args: str):
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"),
     [
-        ("credit", "tau", 0, "params.yaml: credit.tau must be > 0, got 0"),
+        ("credit", "tau", 0, "params.yaml: credit.tau: must be > 0, got 0"),
         ("credit", "w_max", 0.5, "credit.w_max"),
         ("train", "max_steps", 0, "params.yaml: train.max_steps must be an int > 0, got 0"),
         ("train", "learning_rate", "fast", "params.yaml: train.learning_rate must be a number"),
@@ -252,7 +243,7 @@ def test_cli_reports_params_errors_before_loading_the_model(tmp_path, monkeypatc
 
 def test_cli_unknown_method_and_missing_model(tmp_path, monkeypatch):
     result = _cli(tmp_path, monkeypatch, PARAMS, "--method", "foo")
-    assert result.exit_code != 0 and "study.methods: unknown method 'foo'" in result.output
+    assert result.exit_code != 0 and "params.yaml: study.runs.<run>.method: must be one of uniform" in result.output
     result = _cli(tmp_path, monkeypatch, PARAMS, "--method", "arca")
     assert result.exit_code != 0 and "base model directory data/models/base does not exist" in result.output
 
@@ -290,3 +281,127 @@ def test_adapter_config_bytes_do_not_depend_on_hash_seed(tmp_path):
         subprocess.run([sys.executable, "-c", script, str(out)], check=True, env=env, cwd=Path(__file__).parents[1])
         outs.append((out / "adapter_config.json").read_bytes())
     assert outs[0] == outs[1] == outs[2]
+
+
+# ---- the paper's protocol knobs: schedule, clipping, decay, grader, prompt length ---------------------------
+
+
+def test_defaults_are_hf_and_trl_defaults(tmp_path, train_path):
+    """Leaving the new keys out trains as before: the GRPOConfig equals TRL's own defaults for them."""
+    config = grpo_config(settings(tmp_path, train_path, "run"), CreditConfig(method="uniform"))
+    assert str(config.lr_scheduler_type.value) == "linear" and config.warmup_steps == 0
+    assert (config.max_grad_norm, config.weight_decay) == (1.0, 0.0)
+    paper = settings(
+        tmp_path,
+        train_path,
+        "paper",
+        lr_scheduler_type="cosine",
+        warmup_steps=10,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        grader="exact",
+    )
+    config = grpo_config(paper, CreditConfig(method="uniform"))
+    assert str(config.lr_scheduler_type.value) == "cosine" and config.warmup_steps == 10
+
+
+def write_raw_prompts(path: Path, lengths: list[int]) -> None:
+    """Raw-text prompts (prompt.format: raw) of the given lengths in characters (= tokens of the tiny tokenizer)."""
+    texts = [("Q" * (n - 1)) + "\n" for n in lengths]
+    table = pa.table({"prompt_id": [f"p{i}" for i in range(len(texts))], "prompt": texts, "answer": ["1"] * len(texts)})
+    pq.write_table(table, path)
+
+
+def test_drop_long_prompts_counts_tokens_as_trl_does(tmp_path):
+    path = tmp_path / "train.parquet"
+    write_raw_prompts(path, [5, 9, 12, 9])
+    dataset = load_prompts(path)
+    kept, dropped = drop_long_prompts(dataset, tiny_tokenizer(), 9)
+    assert dropped == 1 and kept["prompt_id"] == ["p0", "p1", "p3"]
+    assert drop_long_prompts(dataset, tiny_tokenizer(), None) == (dataset, 0)
+    with pytest.raises(ValueError, match=r"train.max_prompt_length = 4 tokens drops every training prompt"):
+        drop_long_prompts(dataset, tiny_tokenizer(), 4)
+    chat = tmp_path / "chat.parquet"
+    write_prompts(chat, n=2)  # `<|im_start|>user\nquestion 0?<|im_end|>\n<|im_start|>assistant\n`: 30 tokens
+    with pytest.raises(ValueError, match="the shortest has 30"):
+        drop_long_prompts(load_prompts(chat), tiny_tokenizer(), 29)
+    assert drop_long_prompts(load_prompts(chat), tiny_tokenizer(), 30)[1] == 0
+
+
+class RecordLearningRates(TrainerCallback):
+    """The learning rate each optimizer update applies, read from the optimizer right before it steps."""
+
+    def __init__(self):
+        self.applied: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.applied.append(optimizer.param_groups[0]["lr"])
+
+
+def test_paper_schedule_exact_grader_and_raw_prompts(tmp_path):
+    """Warmup + cosine as the paper's `get_cosine_schedule_with_warmup` (lr 0 at the first update), the reward
+    `train.grader` names, raw-text prompts, and the prompt-length filter recorded in budget.json."""
+    path = tmp_path / "train.parquet"
+    write_raw_prompts(path, [6, 7, 8, 40])
+    run_settings = settings(
+        tmp_path,
+        path,
+        "paper",
+        max_steps=3,
+        save_steps=3,
+        learning_rate=0.1,
+        lr_scheduler_type="cosine",
+        warmup_steps=1,
+        grader="exact",
+        max_prompt_length=10,
+    )
+    lrs = RecordLearningRates()
+    run_training(run_settings, CreditConfig(method="uniform"), tiny_model(), tiny_tokenizer(), callbacks=[lrs])
+    assert lrs.applied == pytest.approx([0.0, 0.1, 0.05])  # lambda(0) = 0/1; cosine over steps 1..3
+    budget = json.loads((run_settings.output_dir / "budget.json").read_text())
+    assert budget["prompts_too_long"] == 1
+    fingerprint = run_fingerprint(run_settings, CreditConfig(method="uniform"), [])
+    assert fingerprint["settings"]["grader"] == "exact"
+    state = json.loads(next((run_settings.output_dir / "checkpoints").glob("checkpoint-*/run_state.json")).read_text())
+    assert "arca.grading.exact_accuracy_reward" in json.dumps(state)
+
+
+def test_stage_reads_the_paper_keys(tmp_path):
+    params = json.loads(json.dumps(PARAMS))
+    params["train"].update(
+        {
+            "grader": "exact",
+            "lr_scheduler_type": "cosine",
+            "warmup_steps": 10,
+            "max_grad_norm": "1e0",  # YAML strings are numbers here too
+            "weight_decay": 0,
+            "max_prompt_length": 512,
+            "num_processes": 1,
+            "launcher": "python",
+        }
+    )
+    run_settings, _ = settings_from_params(params, "uniform", 64, 1337, tmp_path / "run")
+    assert (run_settings.grader, run_settings.lr_scheduler_type, run_settings.warmup_steps) == ("exact", "cosine", 10)
+    assert (run_settings.max_grad_norm, run_settings.weight_decay, run_settings.max_prompt_length) == (1.0, 0, 512)
+    default, _ = settings_from_params(PARAMS, "uniform", 64, 1337, tmp_path / "run")
+    assert (default.grader, default.lr_scheduler_type, default.warmup_steps) == ("math_verify", "linear", 0)
+
+
+def test_cli_names_a_bad_grader_before_loading_the_model(tmp_path, monkeypatch):
+    params = json.loads(json.dumps(PARAMS))
+    params["train"]["grader"] = "math-verify"
+    result = _cli(tmp_path, monkeypatch, params, "--method", "uniform")
+    assert result.exit_code != 0 and "train.grader must be one of math_verify, exact" in result.output
+    assert "data/models/base" not in result.output
+
+
+def test_alpha_per_rank_scales_with_the_rank(tmp_path):
+    """The paper's alpha = 2r over ranks 4, 16, 64 from one params file."""
+    params = json.loads(json.dumps(PARAMS))
+    params["lora"] = {**params["lora"], "alpha": None, "alpha_per_rank": 2}
+    alphas = [settings_from_params(params, "arca", r, 1337, tmp_path / "run")[0].lora_alpha for r in (4, 16, 64)]
+    assert alphas == [8.0, 32.0, 128.0]
+    with pytest.raises(ValueError, match=r"lora\.alpha and lora\.alpha_per_rank are both set"):
+        settings_from_params({**params, "lora": {**params["lora"], "alpha": 8}}, "arca", 4, 0, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"lora\.alpha_per_rank must be a number > 0, got 0"):
+        settings_from_params({**params, "lora": {**params["lora"], "alpha_per_rank": 0}}, "arca", 4, 0, tmp_path)

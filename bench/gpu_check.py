@@ -1,0 +1,279 @@
+"""GPU check before the first paper run: the paper profile's training step at full size, on random weights.
+
+    python -m bench.gpu_check [--steps 3] [--methods uniform,arca,arca_local,divergence] [--json out.json]
+    python -m bench.gpu_check --tiny      # the same code path on CPU in about a minute (the test suite runs it)
+
+Qwen3-1.7B's architecture (bench/qwen3_1_7b_base_config.json, the hub config of Qwen/Qwen3-1.7B-Base) with random
+weights in bfloat16, a synthetic word-level tokenizer of the same vocabulary size (151,936), raw-text prompts of
+`PROMPT_WORDS` tokens: nothing is downloaded. Each method trains `--steps` optimizer steps through the pipeline's
+own `arca.training.run_training`, with exactly the settings `stages.train` reads from conf/profile/paper.yaml
+(r = 64, alpha 128, dropout 0.05, 2 prompts x 4 completions per micro-batch, gradient accumulation 4, lr schedule,
+sharpening 2, salience dropout on), so a step is the pipeline's step: generation of 32 completions, scoring
+passes, 4 loss forwards and backwards, AdamW. The reward is a function of the token ids (a random model earns
+none from a grader), so advantages and LoRA updates are never zero.
+
+The last line says, for the measured steps (the first step is a warm-up): median step time per method and its
+ratio to `uniform`, peak GPU memory, the step-0 fallback rate of each non-uniform method (LoRA B = 0 at the
+first step: must be 1.00 in bf16, SPEC 2b), the bf16 noise share `||a - a32|| / ||a32||` of the arca, arca_local
+and divergence saliences at the last step (the trainer's noise probe), and the generated tokens per second of a
+whole training step and of generation alone (the figures `stages.plan --gpu-check` plans with).
+
+Left out: vLLM, flash attention and several GPUs (the paper uses none); evaluation and dump throughput (the
+planner takes generation alone for them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import io
+import json
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, Qwen3Config, TrainerCallback
+
+from arca.tiny import tiny_model
+from arca.trainer import CreditGRPOTrainer
+from arca.training import run_training
+from bench.step_overhead import id_reward, word_tokenizer
+from stages.train import settings_from_params
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "bench" / "qwen3_1_7b_base_config.json"
+PROFILE = ROOT / "conf" / "profile" / "paper.yaml"  # a complete profile: its YAML is the composed params
+METHODS = ("uniform", "arca", "arca_local", "divergence")
+NOISE_SIGNALS = ("arca", "arca_local", "divergence")
+RANK, SEED = 64, 1337  # the paper's main rank and seed
+PROMPT_WORDS = 160  # a MATH problem in the paper's raw prompt is ~100-250 tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """What differs between the device check and its CPU rehearsal (`--tiny`)."""
+
+    name: str
+    vocab: int
+    completion_tokens: int
+    prompt_words: int
+
+
+FULL = Size("Qwen3-1.7B", vocab=151936, completion_tokens=512, prompt_words=PROMPT_WORDS)
+TINY = Size("tiny Qwen3", vocab=512, completion_tokens=8, prompt_words=24)
+
+
+def build_model(size: Size, device: torch.device) -> torch.nn.Module:
+    """Random weights, seeded, so every method starts from the same model."""
+    torch.manual_seed(0)
+    if size is TINY:
+        return tiny_model(size.vocab).to(device=device, dtype=torch.bfloat16)
+    config = Qwen3Config.from_json_file(CONFIG)
+    with torch.device(device):  # initialize on the GPU: ~10x faster than on the CPU, no host copy
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+def write_prompts(path: Path, size: Size, n: int) -> None:
+    """A train.parquet as `prepare` writes it: raw-text prompts of random words (no chat template)."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(8, size.vocab - 4, (n, size.prompt_words), generator=generator)  # words w0..w(vocab-5)
+    prompts = [" ".join(f"w{i}" for i in row.tolist()) for row in ids]
+    frame = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(n)], "prompt": prompts, "answer": ["0"] * n})
+    frame.to_parquet(path, index=False)
+
+
+class StepRecorder(TrainerCallback):
+    """Wall time of every optimizer step (the GPU synchronized at both ends) and every logged metrics row."""
+
+    def __init__(self) -> None:
+        self.step_s: list[float] = []
+        self.logs: list[dict[str, float]] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _synchronize()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _synchronize()
+        self.step_s.append(time.perf_counter() - self._start)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+@contextlib.contextmanager
+def generation_timer() -> Iterator[list[float]]:
+    """Seconds spent in TRL's `_generate`, one entry per call (one call per optimizer step here)."""
+    seconds: list[float] = []
+    original = CreditGRPOTrainer._generate
+
+    def timed(self, *args, **kwargs):
+        _synchronize()
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _synchronize()
+            seconds.append(time.perf_counter() - start)
+
+    CreditGRPOTrainer._generate = timed
+    try:
+        yield seconds
+    finally:
+        CreditGRPOTrainer._generate = original
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Swallow the Trainer's progress bars and printed log dicts; show their tail if the run fails."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            yield
+    except BaseException:
+        print(captured.getvalue()[-4000:])
+        raise
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure(method: str, size: Size, steps: int, workdir: Path, device: torch.device) -> dict[str, Any]:
+    """Train `steps` steps of `method` with the paper profile's settings; timings, memory and the logged credit."""
+    params = yaml.safe_load(PROFILE.read_text())
+    settings, credit = settings_from_params(params, method, RANK, SEED, workdir / method)
+    settings = dataclasses.replace(
+        settings,
+        train_path=workdir / "train.parquet",
+        max_steps=steps,
+        max_completion_length=size.completion_tokens,
+        save_steps=steps + 1,  # no optimizer checkpoint: writing one is not the step being timed
+    )
+    model = build_model(size, device)
+    recorder = StepRecorder()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with generation_timer() as generate_s, quiet():
+        run_training(
+            settings,
+            credit,
+            model,
+            word_tokenizer(size.vocab),
+            reward_funcs=[id_reward],
+            callbacks=[recorder],
+        )
+    rollouts = settings.prompts_per_step * settings.num_generations
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    measured = slice(1, None) if steps > 1 else slice(None)  # step 1 warms up kernels and allocator
+    return {
+        "step_s": statistics.median(recorder.step_s[measured]),
+        "generate_s": statistics.median(generate_s[measured]),
+        "tokens_per_step": rollouts * size.completion_tokens,
+        "peak_gib": peak,
+        "fallback_step0": recorder.logs[0].get("credit/fallback_rate", float("nan")) if recorder.logs else float("nan"),
+        "noise": {s: _last(recorder.logs, f"credit/noise_{s}") for s in NOISE_SIGNALS},
+    }
+
+
+def _last(logs: list[dict[str, float]], key: str) -> float:
+    values = [row[key] for row in logs if key in row]
+    return float(values[-1]) if values else float("nan")
+
+
+def summary(results: dict[str, dict[str, Any]], size: Size, device: str, steps: int) -> dict[str, Any]:
+    """The numbers of the final line, as JSON-ready values."""
+    base = results["uniform"] if "uniform" in results else next(iter(results.values()))
+    noise_run = results.get("arca", base)
+    return {
+        "device": device,
+        "model": size.name,
+        "completion_tokens": size.completion_tokens,
+        "measured_steps": max(1, steps - 1),
+        "step_s": {m: round(r["step_s"], 3) for m, r in results.items()},
+        "step_ratio": {m: round(r["step_s"] / base["step_s"], 3) for m, r in results.items()},
+        "peak_gib": _finite(max(r["peak_gib"] for r in results.values())),
+        "fallback_step0": {m: _finite(r["fallback_step0"]) for m, r in results.items() if m != "uniform"},
+        "noise_share": {s: _finite(v) for s, v in noise_run["noise"].items()},
+        "train_tokens_per_s": round(base["tokens_per_step"] / base["step_s"], 1),
+        "generate_tokens_per_s": round(base["tokens_per_step"] / base["generate_s"], 1),
+    }
+
+
+def _finite(value: float) -> float | None:
+    """4 significant digits, None for NaN (strict JSON has no NaN; on the CPU there is no GPU memory)."""
+    return None if value != value else float(f"{value:.4g}")
+
+
+def final_line(s: dict[str, Any]) -> str:
+    steps = ", ".join(
+        f"{m} {t:.2f}" + ("" if m == "uniform" else f" ({s['step_ratio'][m]:.2f}x)") for m, t in s["step_s"].items()
+    )
+    fallback = ", ".join(f"{m} {_number(v, '.2f')}" for m, v in s["fallback_step0"].items())
+    noise = ", ".join(f"{k} {_number(v, '.3g')}" for k, v in s["noise_share"].items())
+    return (
+        f"gpu_check: {s['device']}, {s['model']} bf16 random, r{RANK}, 2x4 per micro-batch x GA 4, "
+        f"{s['completion_tokens']}-token completions | step s (median of {s['measured_steps']}): {steps} | "
+        f"peak GPU memory {_gib(s['peak_gib'])} | step-0 fallback (expect 1.00): {fallback} | "
+        f"bf16 noise share at the last step: {noise} | tokens/s: train {s['train_tokens_per_s']:,.0f}, "
+        f"generate {s['generate_tokens_per_s']:,.0f}"
+    )
+
+
+def _gib(value: float | None) -> str:
+    return "n/a (CPU)" if value is None else f"{value:.1f} GiB"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny Qwen3 and 8-token completions, on the CPU")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per method; the first is a warm-up")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated credit methods")
+    parser.add_argument("--json", type=Path, default=None, help="also write the summary here (for stages.plan)")
+    options = parser.parse_args()
+    size = TINY if options.tiny else FULL
+    if not options.tiny and not torch.cuda.is_available():
+        parser.error("no CUDA device: the full check needs a GPU (use --tiny to rehearse it on the CPU)")
+    device = torch.device("cuda" if torch.cuda.is_available() and not options.tiny else "cpu")
+    logging.disable(logging.WARNING)  # TRL/transformers notices would bury the result
+    warnings.simplefilter("ignore")
+    methods = [m.strip() for m in options.methods.split(",") if m.strip()]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        write_prompts(workdir / "train.parquet", size, n=64)
+        results = {}
+        for method in methods:
+            results[method] = measure(method, size, options.steps, workdir, device)
+            print(f"{method}: {json.dumps(results[method])}", flush=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    result = summary(results, size, name, options.steps)
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    if options.json:
+        options.json.write_text(json.dumps(result, indent=2) + "\n")  # methods in run order
+    print(f"total {result['wall_s']:.0f} s")
+    print(final_line(result))
+
+
+if __name__ == "__main__":
+    main()

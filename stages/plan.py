@@ -1,0 +1,148 @@
+"""Cost planner: what a profile will generate and roughly how many GPU-hours that takes, before anyone starts it.
+
+    python -m stages.plan                                  # the active params (params.yaml)
+    python -m stages.plan --profile paper [-S key=value]   # a profile of conf/, as `dvc exp run -S` composes it
+    python -m stages.plan --profile study --train-tokens-per-s 1500 --generate-tokens-per-s 3000
+    python -m stages.plan --gpu-check gpu_check.json       # the throughput `bench/gpu_check.py --json` measured
+
+Counts are exact for rollouts and upper bounds for tokens (every completion at its max length): training
+(steps x prompts x completions per run), the per-token dumps (probe prompts x samples at every saved snapshot)
+and evaluation (greedy + k samples per problem, base model included). GPU-hours = tokens / throughput on one
+GPU, with two figures that bench/gpu_check.py measures: a whole training step's generated tokens per second
+(generation, scoring passes, backward) for `train`, and generation alone for `dump` and `evaluate`. Left out:
+the dumps' scoring passes, base-model download, prepare, diagnose, tables and figures (minutes, CPU).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stages.common import load_params
+
+# Rows of a MATH split when `n` is null (upper bounds: rows without a boxed answer are dropped by prepare).
+SPLIT_ROWS = {"train": 7500, "test": 5000, "math500": 500}
+# Until bench/gpu_check.py has measured them (tokens/s on one GPU): HF generate on a 1.7B model in bf16 is bound
+# by Python and kernel-launch overhead, ~25 ms per decoding step whatever the batch: 32 rollouts (a training
+# step) -> ~1,300 tokens/s, less the training passes; evaluation batches of 64 -> ~2,500.
+DEFAULT_TRAIN_TOKENS_PER_S = 1000.0
+DEFAULT_GENERATE_TOKENS_PER_S = 2000.0
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Generated tokens per second on one GPU: in a whole training step, and in generation alone."""
+
+    train: float = DEFAULT_TRAIN_TOKENS_PER_S
+    generate: float = DEFAULT_GENERATE_TOKENS_PER_S
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """One stage kind summed over its runs: `rollouts` sequences generated, at most `tokens` new tokens."""
+
+    stage: str
+    runs: int
+    rollouts: int
+    tokens: int
+
+    def gpu_hours(self, rate: Throughput) -> float:
+        return self.tokens / (rate.train if self.stage == "train" else rate.generate) / 3600
+
+
+def snapshot_steps(max_steps: int, save_steps: int) -> list[int]:
+    """The adapter snapshots a run keeps (arca.run_files): step 0, every `save_steps`, and the last step."""
+    return sorted({0, max_steps, *range(save_steps, max_steps + 1, save_steps)})
+
+
+def split_rows(block: dict[str, Any], data: dict[str, Any], train: bool = False) -> int:
+    """Problems a `data.train` / `data.eval.<set>` block selects: its n, else the whole split (upper bound)."""
+    if block.get("n") is not None:
+        return int(block["n"])
+    if train:
+        return SPLIT_ROWS["train"]
+    split = block.get("split") or ("math500" if data.get("source") == "embedded" else "test")
+    return SPLIT_ROWS[split]
+
+
+def plan(params: dict[str, Any]) -> list[StageCost]:
+    """Train, dump and evaluate costs of the runs in `study.runs` (and the base model's evaluation)."""
+    runs = len(params["study"]["runs"])
+    train, dump, evaluate, data = params["train"], params["dump"], params["evaluate"], params["data"]
+    per_run = train["max_steps"] * train["prompts_per_step"] * train["num_generations"]
+    snapshots = len(snapshot_steps(train["max_steps"], train["save_steps"]))
+    probe = min(split_rows(data["probe"], data), split_rows(data["train"], data, train=True))
+    dumped = snapshots * probe * dump["samples"]
+    problems = sum(split_rows(block, data) for block in data["eval"].values())
+    evaluated = problems * (1 + evaluate["k"])  # one greedy answer and k samples per problem
+    return [
+        StageCost("train", runs, runs * per_run, runs * per_run * train["max_completion_length"]),
+        StageCost("dump", runs, runs * dumped, runs * dumped * train["max_completion_length"]),
+        StageCost("evaluate", runs + 1, (runs + 1) * evaluated, (runs + 1) * evaluated * evaluate["max_new_tokens"]),
+    ]
+
+
+def format_plan(params: dict[str, Any], costs: list[StageCost], rate: Throughput, source: str) -> str:
+    train = params["train"]
+    head = (
+        f"profile {params.get('profile', '?')} ({source}): {len(params['study']['runs'])} runs x {train['max_steps']} "
+        f"steps x {train['prompts_per_step']} prompts x {train['num_generations']} completions of <= "
+        f"{train['max_completion_length']} tokens, {train.get('num_processes', 1)} process(es) per run"
+    )
+    rows = [f"{'stage':<10}{'runs':>6}{'rollouts':>12}{'tokens (<=)':>16}{'GPU-hours':>11}"]
+    for cost in costs:
+        rows.append(
+            f"{cost.stage:<10}{cost.runs:>6}{cost.rollouts:>12,}{cost.tokens:>16,}{cost.gpu_hours(rate):>11.1f}"
+        )
+    total_tokens = sum(c.tokens for c in costs)
+    total = sum(c.gpu_hours(rate) for c in costs)
+    rows.append(f"{'total':<10}{'':>6}{sum(c.rollouts for c in costs):>12,}{total_tokens:>16,}{total:>11.1f}")
+    foot = (
+        f"at {rate.train:,.0f} generated tokens/s per GPU in training, {rate.generate:,.0f} in generation alone "
+        "(--train-tokens-per-s / --generate-tokens-per-s, or --gpu-check with bench/gpu_check.py's JSON)"
+    )
+    return "\n".join([head, *rows, foot])
+
+
+def throughput(train: float | None, generate: float | None, gpu_check: str | None) -> Throughput:
+    """The figures to plan with: the options, else what bench/gpu_check.py measured, else the defaults."""
+    measured = json.loads(Path(gpu_check).read_text()) if gpu_check else {}
+    return Throughput(
+        train=train or measured.get("train_tokens_per_s", DEFAULT_TRAIN_TOKENS_PER_S),
+        generate=generate or measured.get("generate_tokens_per_s", DEFAULT_GENERATE_TOKENS_PER_S),
+    )
+
+
+@click.command()
+@click.option("--profile", default=None, help="a profile of conf/profile/ (default: the active params.yaml)")
+@click.option("-S", "--set-param", "overrides", multiple=True, help="Hydra override, as `dvc exp run -S`")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--train-tokens-per-s", "train_rate", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--generate-tokens-per-s", "generate_rate", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--gpu-check", type=click.Path(exists=True, dir_okay=False), help="JSON of `bench.gpu_check --json`")
+def main(
+    profile: str | None,
+    overrides: tuple[str, ...],
+    params_path: str,
+    train_rate: float | None,
+    generate_rate: float | None,
+    gpu_check: str | None,
+) -> None:
+    if profile is None and overrides:
+        raise click.UsageError("-S needs --profile (the active params.yaml is planned as it is)")
+    if profile is None:
+        params, source = load_params(params_path), params_path
+    else:
+        from stages.profile import compose
+
+        params, source = compose(profile, overrides), f"conf/profile/{profile}.yaml"
+    rate = throughput(train_rate, generate_rate, gpu_check)
+    click.echo(format_plan(params, plan(params), rate, source))
+
+
+if __name__ == "__main__":
+    main()
