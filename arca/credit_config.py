@@ -26,6 +26,23 @@ METHODS: tuple[str, ...] = (
     "entropy_drop",
     "arca_local",
 )
+# The `CreditConfig` fields each method's training reads (the pipeline gives a train cell exactly these, so a
+# change to one retrains only the methods that read it): `uniform` is plain GRPO; every salience is normalized
+# (SPEC 3) and may come from a dropout-free pass; reference-comparing signals choose their adapter-off pass;
+# only `arca` reads a hidden-state layer, only `top_entropy` its quantile.
+NORMALIZATION: tuple[str, ...] = ("scheme", "tau", "mix", "w_max", "eps", "sharpening", "salience_dropout")
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "uniform": (),
+    "surprisal": NORMALIZATION,
+    "entropy": NORMALIZATION,
+    "entropy_drop": NORMALIZATION,
+    "arca_local": NORMALIZATION,
+    "top_entropy": (*NORMALIZATION, "top_entropy_quantile"),
+    "kl": (*NORMALIZATION, "reference"),
+    "entropy_reduction": (*NORMALIZATION, "reference"),
+    "divergence": (*NORMALIZATION, "reference"),
+    "arca": (*NORMALIZATION, "reference", "layer"),
+}
 # How the trainer gets the adapter-off states of reference-comparing signals (SPEC 2b):
 # `matched` runs them on exactly the loss micro-batch (identical shapes, no dropout): exact, the default;
 # `reuse` takes TRL's generation-time reference pass as it is (other batch composition): cheaper, not exact.

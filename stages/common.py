@@ -42,3 +42,12 @@ def require(mapping: dict[str, Any], dotted: str, kind: type | tuple[type, ...],
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(k.__name__ for k in kinds)
+
+
+def check_layer(layer: int, num_hidden_layers: int, key: str) -> None:
+    """ARCA's `hidden_states` index must exist in the model: -(L + 1) .. L for L decoder layers."""
+    if not -(num_hidden_layers + 1) <= layer <= num_hidden_layers:
+        raise ValueError(
+            f"params.yaml: `{key}`: must be in [-{num_hidden_layers + 1}, {num_hidden_layers}] (hidden_states of "
+            f"this {num_hidden_layers}-layer model; -1 = final), got {layer}"
+        )

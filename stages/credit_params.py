@@ -1,11 +1,17 @@
 """The credit config of a run from params.yaml, for the stages that train, dump or diagnose with it (kept apart
-from `stages.common` so that stages which never read credit do not depend on the credit code)."""
+from `stages.common` so that stages which never read credit do not depend on the credit code).
+
+A train cell reads only its method's block, `credit.methods.<method>` (the fields `METHOD_FIELDS` names, which
+conf/credit_methods/ copies from the shared keys), so dvc.yaml can give it exactly that block: a change to
+`credit.layer` retrains only ARCA runs. The analysis stages (dump, diagnose) score every signal on the same
+rollouts and read the shared keys, `credit.<key>`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from arca.credit_config import CreditConfig, CreditConfigError
+from arca.credit_config import METHOD_FIELDS, CreditConfig, CreditConfigError
 from stages.common import section
 
 KEYS = ("scheme", "tau", "mix", "w_max", "layer", "eps", "top_entropy_quantile", "sharpening", "reference")
@@ -14,13 +20,33 @@ FLOATS = ("tau", "mix", "w_max", "eps", "top_entropy_quantile", "sharpening")
 
 
 def credit_config(params: dict[str, Any], method: str) -> CreditConfig:
-    """The run's `CreditConfig` from params.yaml `credit:` (validated; errors name the params key)."""
+    """The shared `credit:` keys as `method`'s `CreditConfig` (validated; errors name the params key)."""
     credit = section(params, "credit")
-    values = {k: _number(credit[k]) if k in FLOATS else credit[k] for k in KEYS if k in credit}
+    return _config(method, {k: credit[k] for k in KEYS if k in credit}, "credit")
+
+
+def method_credit_config(params: dict[str, Any], method: str) -> CreditConfig:
+    """What a train cell of `method` reads: `credit.methods.<method>`, exactly the fields the method uses."""
+    if method not in METHOD_FIELDS:
+        return _config(method, {}, "credit")  # the unknown-method error
+    methods = section(params, "credit").get("methods")
+    block = methods.get(method) if isinstance(methods, dict) else None
+    if not isinstance(block, dict):
+        raise ValueError(
+            f"params.yaml: credit.methods.{method} is missing; params.yaml is composed from conf/ (make params)"
+        )
+    extra = sorted(set(block) - set(METHOD_FIELDS[method]))
+    if extra:
+        raise ValueError(f"params.yaml: credit.methods.{method}.{extra[0]}: {method} does not read it; remove it")
+    return _config(method, block, f"credit.methods.{method}")
+
+
+def _config(method: str, values: dict[str, Any], prefix: str) -> CreditConfig:
+    values = {k: _number(v) if k in FLOATS else v for k, v in values.items()}
     try:
         return CreditConfig(method=method, **values)
     except CreditConfigError as err:
-        key = "study.runs.<run>.method" if err.field == "method" else f"credit.{err.field}"
+        key = "study.runs.<run>.method" if err.field == "method" else f"{prefix}.{err.field}"
         raise err.renamed(f"params.yaml: {key}") from None
 
 

@@ -36,17 +36,24 @@ def describe(error: ValidationError, model: type[BaseModel], source: str = "para
             lines.append(f"{source}: `{dotted}` is missing; add it (see README)")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: `{dotted}`: {message}, got {item.get('input')!r}")
+            value = item.get("input")
+            got = "" if isinstance(value, (dict, list)) else f", got {value!r}"  # a section-level check
+            lines.append(f"{source}: `{dotted}`: {message}{got}" if dotted else f"{source}: {message}")
     return ParamsError("\n".join(lines))
 
 
 def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
     """The field names of the (nested) model at `loc`, for did-you-mean hints; [] where it is not a model."""
     current: Any = model
+    keyed = False  # the previous field was a dict of models: this part is a key (a run id), not a field
     for part in loc:
+        if keyed:
+            keyed = False
+            continue
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return []
+        keyed = getattr(field.annotation, "__origin__", None) is dict
         current = _model_in(field.annotation)
         if current is None:
             return []

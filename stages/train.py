@@ -3,13 +3,14 @@
     python -m stages.train --method arca --rank 8 --seed 0 [--params params.yaml] [--out data/runs/arca-r8-s0]
 
 Reads params.yaml `model.{dtype, chat_template_kwargs}`, `lora` (`alpha`, or `alpha_per_rank`: alpha = ratio x
-rank), `train`, `credit` and `diagnostics`, the base model in data/models/base and the prompts in
-data/prepared/train.parquet; writes the run directory described in `arca.training`. Every param is validated
-before the model loads.
+rank), `train` and `credit.methods.<method>` (only the credit fields the method uses), the base model in
+data/models/base and the prompts in data/prepared/train.parquet; writes the run directory described in
+`arca.training`. Every param is validated before the model loads.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any
 
 import click
 
-from stages.common import load_params, section
-from stages.credit_params import credit_config
+from arca.credit_config import METHOD_FIELDS
+from stages.common import check_layer, load_params, section
+from stages.credit_params import method_credit_config
 
 MODEL_DIR = Path("data/models/base")
 TRAIN_PATH = Path("data/prepared/train.parquet")
@@ -52,8 +54,6 @@ TRAIN_KEYS = (
 FLOAT_KEYS = {
     "train": ("learning_rate", "beta", "temperature", "top_p", "max_grad_norm", "weight_decay"),
     "lora": ("alpha", "alpha_per_rank", "dropout"),
-    "credit": ("tau", "mix", "w_max", "eps", "top_entropy_quantile", "sharpening"),
-    "diagnostics": ("etr_uniform", "etr_concentrated"),
 }
 
 
@@ -87,7 +87,7 @@ def settings_from_params(params: dict[str, Any], method: str, rank: int, seed: i
     from arca.training import TrainSettings
 
     params = with_numbers(params)
-    credit = credit_config(params, method)
+    credit = method_credit_config(params, method)
     lora, train = section(params, "lora"), section(params, "train")
     model = params.get("model") or {}
     fields: dict[str, Any] = {k: train[k] for k in TRAIN_KEYS if k in train}
@@ -137,6 +137,9 @@ def main(method: str, rank: int, seed: int, params_path: str, out: str | None) -
         for path, what in ((MODEL_DIR, "base model directory"), (TRAIN_PATH, "train parquet")):
             if not path.exists():
                 raise ValueError(f"{what} {path} does not exist; run the stage that writes it first (dvc repro)")
+        if "layer" in METHOD_FIELDS[method]:  # before the model loads: the index must exist in it
+            config = json.loads((MODEL_DIR / "config.json").read_text())
+            check_layer(credit.layer, config["num_hidden_layers"], f"credit.methods.{method}.layer")
     except (ValueError, TypeError, OSError) as err:
         raise click.ClickException(str(err)) from err
     from arca.training import run_training  # heavy imports (torch, TRL) only after validation

@@ -196,3 +196,10 @@ def test_whole_dvc_process_group_killed_is_restored(repo, tmp_path):
     assert sentinel.exists(), "the stage never reached its mid-write point"
     assert not (repo / "results/tables/accuracy.csv").exists()
     _assert_restored(repo, before)
+
+
+def test_make_restore_runs_the_documented_command():
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\nrestore:", 1)[1].split("\n\n", 1)[0]
+    steps = [line.strip().removeprefix("$(BIN)/") for line in recipe.splitlines()[1:]]
+    assert " && ".join(steps) == RESTORE

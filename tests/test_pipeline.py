@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -124,3 +125,57 @@ def test_bad_params_fail_fast_naming_the_key(repo, tmp_path):
         text=True,
     )
     assert done.returncode != 0 and "credit.tau" in done.stderr
+
+
+def _status(repo: Path, params: dict) -> set[str]:
+    """The stages `dvc status` reports changed under `params` (params.yaml restored afterwards)."""
+    path = repo / "params.yaml"
+    original = path.read_text()
+    try:
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        out = _run([str(Path(sys.executable).parent / "dvc"), "status", "--json"], repo)
+    finally:
+        path.write_text(original)
+    return set(json.loads(out[out.index("{") :]))
+
+
+def test_a_param_reruns_exactly_the_stages_that_read_it(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    etr = json.loads(json.dumps(params))
+    etr["diagnostics"]["etr_uniform"] = 0.9
+    assert _status(repo, etr) == {"validate", "diagnose", "figures"}  # analysis only; validate's output is constant
+    layer = json.loads(json.dumps(params))
+    layer["credit"]["layer"] = layer["credit"]["methods"]["arca"]["layer"] = -2  # as conf/ composes `credit.layer=-2`
+    changed = _status(repo, layer)
+    assert {s for s in changed if s.startswith("train@")} == {"train@arca-r4-s0"}, changed
+    wall = json.loads((repo / "data/runs/arca-r4-s0/metrics.json").read_text())["wall_seconds"]
+    assert wall > 0 and "wall_seconds" not in (repo / "data/runs/arca-r4-s0/budget.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p["credit"]["methods"]["arca"].update(layer=99), "`credit.methods.arca.layer`: must be in [-3, 2]"),
+        (lambda p: p["train"].update(lerning_rate=1e-3), "did you mean `train.learning_rate`?"),
+        (
+            lambda p: p["study"]["runs"].update({"foo-r4-s0": {"method": "foo", "rank": 4, "seed": 0}}),
+            "`study.runs.foo-r4-s0.method`: Input should be 'uniform'",
+        ),
+    ],
+)
+def test_bad_params_stop_repro_before_any_train_cell(repo, change, message):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    change(params)
+    path, original = repo / "params.yaml", (repo / "params.yaml").read_text()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        start = time.monotonic()
+        done = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+        seconds = time.monotonic() - start
+    finally:
+        path.write_text(original)
+        subprocess.run(["dvc", "checkout", "-q"], cwd=repo, env=env, capture_output=True)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and message in output, output
+    assert "Running stage 'train@" not in output and seconds < 15

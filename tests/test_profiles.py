@@ -4,6 +4,7 @@ params.yaml is the embedded profile as DVC writes it, and the planner counts wha
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from arca.credit_config import METHODS
+from arca.credit_config import METHOD_FIELDS, METHODS
 from stages.plan import Throughput, plan, snapshot_steps
 from stages.plan import main as plan_cli
 from stages.profile import DEFAULT_PROFILE, compose, composed_text, profile_names
@@ -207,8 +208,27 @@ def test_run_ids_name_their_cell(profiles, name):
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_a_profile_file_is_its_whole_composition(profiles, name):
-    """Complete files: composing adds and keeps nothing, so no key of another profile leaks into a run."""
-    assert profiles[name] == yaml.safe_load((ROOT / "conf/profile" / f"{name}.yaml").read_text())
+    """Complete files: composing adds only the per-method credit blocks and keeps nothing else, so no key of
+    another profile leaks into a run; each block is the profile's shared keys a method reads (METHOD_FIELDS)."""
+    composed = json.loads(json.dumps(profiles[name]))
+    methods = composed["credit"].pop("methods")
+    assert composed == yaml.safe_load((ROOT / "conf/profile" / f"{name}.yaml").read_text())
+    shared = profiles[name]["credit"]
+    assert methods == {m: {k: shared[k] for k in METHOD_FIELDS[m]} for m in METHODS}
+
+
+def test_credit_methods_conf_mirrors_the_library():
+    blocks = yaml.safe_load((ROOT / "conf/credit_methods/default.yaml").read_text())
+    assert blocks == {m: {k: f"${{credit.{k}}}" for k in METHOD_FIELDS[m]} for m in METHODS}
+
+
+def test_a_credit_change_reaches_only_the_methods_that_read_it():
+    base, layer = compose("embedded"), compose("embedded", ("credit.layer=-2",))
+    changed = {m for m in METHODS if base["credit"]["methods"][m] != layer["credit"]["methods"][m]}
+    assert changed == {"arca"}
+    sharpened = compose("embedded", ("credit.sharpening=2",))
+    changed = {m for m in METHODS if base["credit"]["methods"][m] != sharpened["credit"]["methods"][m]}
+    assert changed == set(METHODS) - {"uniform"}
 
 
 def test_params_yaml_is_the_embedded_profile_as_dvc_writes_it():

@@ -211,8 +211,13 @@ PARAMS = {
         "gradient_accumulation_steps": 1,
         "use_vllm": False,
     },
-    "credit": {"scheme": "mean", "tau": 1.0, "mix": 1.0, "w_max": None, "layer": -1, "eps": "1e-8"},
-    "diagnostics": {"etr_uniform": 0.95, "etr_concentrated": 0.25},
+    "credit": {  # what a train cell reads: its method's block
+        "methods": {
+            "arca": {"scheme": "mean", "tau": 1.0, "mix": 1.0, "w_max": None, "layer": -1, "eps": "1e-8"},
+            "kl": {"scheme": "mean", "eps": "1e-8", "reference": "matched"},
+            "uniform": {},
+        }
+    },
 }
 
 
@@ -225,8 +230,10 @@ def _cli(tmp_path, monkeypatch, params: dict, *args: str):
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"),
     [
-        ("credit", "tau", 0, "params.yaml: credit.tau: must be > 0, got 0"),
-        ("credit", "w_max", 0.5, "credit.w_max"),
+        ("credit", "tau", 0, "params.yaml: credit.methods.arca.tau: must be > 0, got 0"),
+        ("credit", "w_max", 0.5, "params.yaml: credit.methods.arca.w_max: must be None or >= 1"),
+        ("credit", "layer", 99, "params.yaml: `credit.methods.arca.layer`: must be in [-3, 2]"),
+        ("credit", "top_entropy_quantile", 0.5, "params.yaml: credit.methods.arca.top_entropy_quantile: arca does not"),
         ("train", "max_steps", 0, "params.yaml: train.max_steps must be an int > 0, got 0"),
         ("train", "learning_rate", "fast", "params.yaml: train.learning_rate must be a number"),
         ("lora", "alpha", -1, "params.yaml: lora.alpha must be > 0"),
@@ -234,11 +241,16 @@ def _cli(tmp_path, monkeypatch, params: dict, *args: str):
 )
 def test_cli_reports_params_errors_before_loading_the_model(tmp_path, monkeypatch, section, key, value, message):
     params = json.loads(json.dumps(PARAMS))
-    params[section][key] = value
-    result = _cli(tmp_path, monkeypatch, params, "--method", "arca")  # data/models/base does not exist
+    (params["credit"]["methods"]["arca"] if section == "credit" else params[section])[key] = value
+    base = tmp_path / "data/models/base"  # only its config: the layer check reads it, the model never loads
+    base.mkdir(parents=True)
+    (base / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    (tmp_path / "data/prepared/train.parquet").write_text("")
+    result = _cli(tmp_path, monkeypatch, params, "--method", "arca")
     assert result.exit_code != 0
     assert message in result.output
-    assert "data/models/base" not in result.output
+    assert "Traceback" not in result.output
 
 
 def test_cli_unknown_method_and_missing_model(tmp_path, monkeypatch):
@@ -392,7 +404,7 @@ def test_cli_names_a_bad_grader_before_loading_the_model(tmp_path, monkeypatch):
     params["train"]["grader"] = "math-verify"
     result = _cli(tmp_path, monkeypatch, params, "--method", "uniform")
     assert result.exit_code != 0 and "train.grader must be one of math_verify, exact" in result.output
-    assert "data/models/base" not in result.output
+    assert "Traceback" not in result.output
 
 
 def test_alpha_per_rank_scales_with_the_rank(tmp_path):

@@ -1,0 +1,297 @@
+"""The one params schema: every section and key of params.yaml typed and bounded (pydantic v2, unknown keys
+forbidden), checked by the `validate` stage before any train cell runs. Errors name the dotted key and, for a
+typo, the closest valid one: "params.yaml: `train.lerning_rate`: unknown key; did you mean
+`train.learning_rate`?".
+
+The choices are spelled out here rather than imported from the library, so validating costs a pydantic import
+and no torch (tests/test_schema.py keeps them equal to the library's constants). The library (`arca`) checks
+its own arguments again and names them as arguments, for callers without a params.yaml.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from stages.strict import Strict, describe
+
+METHODS = (
+    "uniform",
+    "surprisal",
+    "entropy",
+    "entropy_reduction",
+    "kl",
+    "arca",
+    "top_entropy",
+    "divergence",
+    "entropy_drop",
+    "arca_local",
+)
+Method = Literal[
+    "uniform",
+    "surprisal",
+    "entropy",
+    "entropy_reduction",
+    "kl",
+    "arca",
+    "top_entropy",
+    "divergence",
+    "entropy_drop",
+    "arca_local",
+]
+PositiveInt = Annotated[int, Field(gt=0)]
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Select = Literal["sample", "first"]
+
+
+class Run(Strict):
+    method: Method
+    rank: PositiveInt
+    seed: Count
+
+
+class Study(Strict):
+    runs: Annotated[dict[str, Run], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _ids_name_their_cell(self) -> Study:
+        for run_id, run in self.runs.items():
+            expected = f"{run.method}-r{run.rank}-s{run.seed}"
+            if run_id != expected:  # dvc.yaml writes data/runs/<method>-r<rank>-s<seed> under stage train@<id>
+                raise ValueError(f"run id {run_id!r} must be {expected!r} (<method>-r<rank>-s<seed>)")
+        return self
+
+
+class Model(Strict):
+    profile: Literal["embedded", "hub", "tiny"]
+    package: str | None
+    gguf_file: str | None
+    hub_id: str | None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    chat_template_kwargs: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _hub_needs_an_id(self) -> Model:
+        if self.profile == "hub" and not self.hub_id:
+            raise ValueError("model.profile hub needs model.hub_id (e.g. Qwen/Qwen3-1.7B)")
+        return self
+
+
+class TrainData(Strict):
+    source: Literal["arithmetic", "math"]
+    n: PositiveInt | None
+    select: Select
+    levels: list[Annotated[int, Field(ge=1, le=5)]] | None
+    subjects: list[str] | None
+    max_answer_chars: PositiveInt | None
+    seed: int
+
+
+class ArithmeticEval(Strict):
+    n: PositiveInt
+
+
+class MathEval(Strict):
+    split: Literal["math500", "test"]
+    n: PositiveInt | None
+    select: Select
+    levels: list[Annotated[int, Field(ge=1, le=5)]] | None
+    subjects: list[str] | None
+    max_answer_chars: PositiveInt | None
+    seed: int
+
+
+class EvalData(Strict):
+    arithmetic: ArithmeticEval | None = None
+    math: MathEval | None = None
+
+
+class Probe(Strict):
+    n: PositiveInt
+    seed: int
+
+
+class Data(Strict):
+    source: Literal["embedded", "path", "hub"]
+    path: str | None
+    hub_name: str | None
+    hub_config: str | None
+    train: TrainData
+    eval: EvalData
+    probe: Probe
+
+
+class FewShot(Strict):
+    problem: str
+    answer: str
+
+
+class Prompt(Strict):
+    format: Literal["chat", "raw"]
+    template: str | None
+    system: str | None
+    few_shot: list[FewShot]
+
+    @model_validator(mode="after")
+    def _raw_needs_a_template(self) -> Prompt:
+        if self.format == "raw" and (not self.template or "{problem}" not in self.template):
+            raise ValueError("prompt.format raw needs prompt.template containing {problem}")
+        return self
+
+
+class Lora(Strict):
+    alpha: Positive | None
+    alpha_per_rank: Positive | None
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    target_modules: str | list[str]
+
+    @model_validator(mode="after")
+    def _one_alpha(self) -> Lora:
+        if (self.alpha is None) == (self.alpha_per_rank is None):
+            raise ValueError("set exactly one of lora.alpha and lora.alpha_per_rank (the other null)")
+        return self
+
+
+class Train(Strict):
+    learning_rate: Positive
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ]
+    warmup_steps: Count
+    max_grad_norm: NonNegative
+    weight_decay: NonNegative
+    max_steps: PositiveInt
+    prompts_per_step: PositiveInt
+    num_generations: Annotated[int, Field(ge=2)]
+    gradient_accumulation_steps: PositiveInt
+    max_prompt_length: PositiveInt | None
+    max_completion_length: PositiveInt
+    temperature: Positive
+    top_p: Annotated[float, Field(gt=0, le=1)] | None
+    top_k: Count | None
+    beta: NonNegative
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
+    grader: Literal["math_verify", "exact"]
+    save_steps: PositiveInt
+    logging_steps: PositiveInt
+    use_vllm: bool
+    gradient_checkpointing: bool
+    num_processes: PositiveInt
+    launcher: str
+
+
+class MethodCredit(Strict):
+    """One method's block under `credit.methods` (composed from the shared keys by conf/credit_methods/)."""
+
+    scheme: Literal["mean", "softmax", "rank"] | None = None
+    tau: Positive | None = None
+    mix: Fraction | None = None
+    w_max: Annotated[float, Field(ge=1)] | None = None
+    eps: NonNegative | None = None
+    sharpening: Positive | None = None
+    salience_dropout: bool | None = None
+    reference: Literal["matched", "reuse"] | None = None
+    layer: int | None = None
+    top_entropy_quantile: Annotated[float, Field(gt=0, le=1)] | None = None
+
+
+class Credit(Strict):
+    scheme: Literal["mean", "softmax", "rank"]
+    tau: Positive
+    mix: Fraction
+    w_max: Annotated[float, Field(ge=1)] | None
+    layer: int
+    eps: NonNegative
+    sharpening: Positive
+    reference: Literal["matched", "reuse"]
+    salience_dropout: bool
+    top_entropy_quantile: Annotated[float, Field(gt=0, le=1)]
+    methods: dict[Method, MethodCredit]
+
+    @model_validator(mode="after")
+    def _every_method_has_a_block(self) -> Credit:
+        missing = [m for m in METHODS if m not in self.methods]
+        if missing:
+            raise ValueError(f"credit.methods lacks {', '.join(missing)}; compose params.yaml from conf/ (make params)")
+        return self
+
+
+class Dump(Strict):
+    samples: PositiveInt
+    seed: int
+    batch_size: PositiveInt
+
+
+class Diagnostics(Strict):
+    etr_uniform: Fraction
+    etr_concentrated: Fraction
+    top_frac: Annotated[float, Field(gt=0, le=1)]
+    formatting_tokens: list[str]
+
+    @model_validator(mode="after")
+    def _bands_are_ordered(self) -> Diagnostics:
+        if not self.etr_concentrated < self.etr_uniform:
+            raise ValueError("diagnostics.etr_concentrated must be below diagnostics.etr_uniform")
+        return self
+
+
+class Evaluate(Strict):
+    k: PositiveInt
+    max_new_tokens: PositiveInt
+    temperature: Positive
+    top_p: Annotated[float, Field(gt=0, le=1)] | None
+    top_k: Count | None
+    seed: int
+    batch_size: PositiveInt
+    primary: Literal["arithmetic", "math"]
+
+
+class Figures(Strict):
+    heatmap_prompts: PositiveInt
+    heatmap_run: str | None
+    seed: int
+    lorenz_by: Literal["phase", "rank"]
+
+
+class Params(Strict):
+    profile: str
+    study: Study
+    model: Model
+    data: Data
+    prompt: Prompt
+    lora: Lora
+    train: Train
+    credit: Credit
+    dump: Dump
+    diagnostics: Diagnostics
+    evaluate: Evaluate
+    figures: Figures
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Params:
+        if getattr(self.data.eval, self.evaluate.primary) is None:
+            raise ValueError(f"evaluate.primary {self.evaluate.primary!r} names no set of data.eval")
+        run = self.figures.heatmap_run
+        if run is not None and run not in self.study.runs:
+            raise ValueError(f"figures.heatmap_run {run!r} is not a run of study.runs")
+        per_step = self.train.prompts_per_step * self.train.num_generations
+        split = self.train.gradient_accumulation_steps * self.train.num_processes
+        if per_step % split:
+            raise ValueError(
+                f"train.prompts_per_step x train.num_generations = {per_step} must divide into "
+                f"train.gradient_accumulation_steps x train.num_processes = {split}"
+            )
+        return self
+
+
+def validate(params: dict[str, Any], source: str = "params.yaml") -> Params:
+    """`params` checked against the schema; a `ParamsError` lists every offending key, one per line."""
+    try:
+        return Params.model_validate(params)
+    except ValidationError as err:
+        raise describe(err, Params, source) from None
+

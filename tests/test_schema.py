@@ -1,0 +1,99 @@
+"""stages.schema: the one params schema. Its spelled-out choices equal the library's, every profile passes it,
+and a bad key fails with its dotted path and the closest valid name."""
+
+from __future__ import annotations
+
+import json
+import typing
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from arca.credit import SCHEMES
+from arca.credit_config import METHODS, REFERENCE_MODES
+from arca.data import SELECTIONS
+from arca.grading import GRADERS
+from arca.models import PROFILES
+from arca.training import DTYPES, LOSS_TYPES, LR_SCHEDULERS
+from stages import schema
+from stages.profile import compose, profile_names
+from stages.strict import ParamsError
+from stages.validate import VALID
+from stages.validate import main as validate_cli
+
+
+def _choices(model, field: str) -> tuple:
+    annotation = model.model_fields[field].annotation
+    literal = next(a for a in (annotation, *typing.get_args(annotation)) if typing.get_origin(a) is typing.Literal)
+    return typing.get_args(literal)
+
+
+def test_choices_equal_the_library():
+    assert schema.METHODS == METHODS and typing.get_args(schema.Method) == METHODS
+    assert _choices(schema.Credit, "scheme") == tuple(SCHEMES)
+    assert _choices(schema.Credit, "reference") == REFERENCE_MODES
+    assert _choices(schema.Train, "loss_type") == LOSS_TYPES
+    assert _choices(schema.Train, "lr_scheduler_type") == LR_SCHEDULERS
+    assert _choices(schema.Train, "grader") == tuple(GRADERS)
+    assert _choices(schema.TrainData, "select") == SELECTIONS
+    assert _choices(schema.Model, "profile") == PROFILES and _choices(schema.Model, "dtype") == DTYPES
+
+
+@pytest.mark.parametrize("name", profile_names())
+def test_every_profile_is_valid(name):
+    assert schema.validate(compose(name)).profile == name
+
+
+def _invalid(change) -> str:
+    params = compose("embedded")
+    change(params)
+    with pytest.raises(ParamsError) as err:
+        schema.validate(params)
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda p: p["train"].update(lerning_rate=1e-3),
+            "params.yaml: `train.lerning_rate`: unknown key; did you mean `train.learning_rate`?",
+        ),
+        (
+            lambda p: p["study"]["runs"]["arca-r8-s0"].update(rnak=8),
+            "params.yaml: `study.runs.arca-r8-s0.rnak`: unknown key; did you mean `study.runs.arca-r8-s0.rank`?",
+        ),
+        (lambda p: p["study"]["runs"].update({"x": {"method": "arca", "rank": 8, "seed": 0}}), "must be 'arca-r8-s0'"),
+        (lambda p: p["train"].update(max_steps=0), "params.yaml: `train.max_steps`: Input should be greater than 0"),
+        (lambda p: p["credit"].update(mix=1.5), "`credit.mix`: Input should be less than or equal to 1, got 1.5"),
+        (lambda p: p["credit"]["methods"].pop("kl"), "credit.methods lacks kl"),
+        (lambda p: p["lora"].update(alpha_per_rank=2), "set exactly one of lora.alpha and lora.alpha_per_rank"),
+        (lambda p: p["evaluate"].update(primary="gsm8k"), "`evaluate.primary`: Input should be 'arithmetic' or"),
+        (lambda p: p["train"].update(gradient_accumulation_steps=3), "must divide into"),
+        (lambda p: p.pop("figures"), "params.yaml: `figures` is missing"),
+    ],
+)
+def test_errors_name_the_dotted_key(change, message):
+    assert message in _invalid(change)
+
+
+def test_numbers_written_as_strings_are_accepted():
+    params = compose("embedded")
+    params["train"]["learning_rate"] = "1e-3"  # YAML 1.1 reads an exponent without a dot as a string
+    assert schema.validate(params).train.learning_rate == 1e-3
+
+
+def test_validate_stage_checks_the_layer_against_the_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model/config.json").write_text(json.dumps({"num_hidden_layers": 30}))
+    params = compose("embedded")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    args = ["--model", "model", "--out", "ok"]
+    result = CliRunner().invoke(validate_cli, args)
+    assert result.exit_code == 0 and (tmp_path / "ok").read_text() == VALID, result.output
+    params["credit"]["methods"]["arca"]["layer"] = 99
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(validate_cli, args)
+    assert result.exit_code != 0 and "`credit.methods.arca.layer`: must be in [-31, 30]" in result.output
