@@ -1,6 +1,6 @@
 """The files a training run leaves behind while it trains: adapter snapshots (byte-stable), log.tsv and the run
 state stored in each TRL checkpoint, written by `RunRecorder`, a TRL callback, so a resumed run needs nothing
-but its checkpoints/ folder."""
+but its checkpoint folder (`checkpoint_dir`)."""
 
 from __future__ import annotations
 
@@ -97,8 +97,10 @@ class RunRecorder(TrainerCallback):
         fingerprint: dict[str, Any],
         prior: dict[str, Any] | None = None,
         prior_rows: Sequence[dict[str, float]] = (),
+        checkpoint_dir: Path | None = None,
     ):
         self.output_dir = Path(output_dir)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.output_dir / "checkpoints"
         self.save_steps, self.max_steps, self.fingerprint = save_steps, max_steps, fingerprint
         self.prior_wall = float((prior or {}).get("wall_seconds", 0.0))
         self.trainer: CreditGRPOTrainer | None = None
@@ -115,7 +117,7 @@ class RunRecorder(TrainerCallback):
             return
         # DVC wipes non-persisted outputs before rerunning a stage: bring back the snapshots kept beside the
         # (persisted) checkpoints, so a resumed run ends with every snapshot an uninterrupted run has.
-        kept = self.output_dir / "checkpoints" / "snapshots"
+        kept = self.checkpoint_dir / "snapshots"
         for saved in sorted(kept.glob("step-*")) if kept.is_dir() else ():
             target = self.output_dir / "adapters" / saved.name
             if int(saved.name.split("-")[1]) <= state.global_step and not target.exists():
@@ -145,7 +147,7 @@ class RunRecorder(TrainerCallback):
 
     def snapshot(self, model: Any, step: int) -> None:
         """Adapter at `step` into adapters/ (the DVC output) and a copy under checkpoints/ (persisted)."""
-        for root in (self.output_dir / "adapters", self.output_dir / "checkpoints" / "snapshots"):
+        for root in (self.output_dir / "adapters", self.checkpoint_dir / "snapshots"):
             save_adapter(model, root / f"step-{step:06d}")
 
     def on_save(self, args, state, control, **kwargs):
@@ -181,21 +183,24 @@ def read_log(path: Path) -> list[dict[str, float]]:
     return [{c: (int(v) if c == "step" else float(v)) for c, v in zip(columns, line.split("\t"))} for line in lines]
 
 
-def resume_point(out: Path, fingerprint: dict) -> tuple[str | None, dict[str, Any], list[dict[str, float]]]:
+def resume_point(
+    out: Path, fingerprint: dict, checkpoints: Path | None = None
+) -> tuple[str | None, dict[str, Any], list[dict[str, float]]]:
     """(last checkpoint, its run state, its log rows) if the run in `out` can be resumed, else a fresh start.
 
     A checkpoint written under other settings is never resumed: the run's partial outputs are deleted and
     training starts over (with DVC, changed params mean a new run).
     """
-    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    checkpoints = out / "checkpoints" if checkpoints is None else Path(checkpoints)
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     state = read_json(Path(last) / RUN_STATE) if last and (Path(last) / RUN_STATE).is_file() else {}
     if last and state.get("fingerprint") == fingerprint:
         return last, state, read_log(Path(last) / "log.tsv")
     if last:
         logger.warning("%s: settings changed since %s; starting the run over", out, last)
     if int(os.environ.get("RANK", "0")) == 0:
-        for name in ("checkpoints", "adapters", "adapter", "log.tsv", "budget.json", "metrics.json"):
-            path = out / name
+        outputs = ("adapters", "adapter", "log.tsv", "budget.json", "metrics.json")
+        for path in (checkpoints, *(out / name for name in outputs)):
             if path.is_dir():
                 shutil.rmtree(path)
             else:

@@ -79,6 +79,9 @@ class TrainSettings:
     Args:
         model_dir: HF model directory (weights + tokenizer). train_path: Parquet with `DATA_COLUMNS`.
         output_dir: the run's directory (see the module docstring).
+        checkpoint_dir: where TRL checkpoints (and kept snapshots) go; None = `output_dir/checkpoints`. The
+            pipeline keeps them outside the run's DVC outputs (data/checkpoints/<run>), untracked: nothing
+            downstream depends on ~100 MB of optimizer state, and a killed run still resumes from them.
         seed: seeds LoRA init, sampling and data order.
         rank, lora_alpha, lora_dropout, target_modules: LoRA, the same for every method (rank-matched).
         learning_rate ... gradient_accumulation_steps: GRPO (TRL names); one optimizer step takes
@@ -97,6 +100,7 @@ class TrainSettings:
     model_dir: Path
     train_path: Path
     output_dir: Path
+    checkpoint_dir: Path | None = None
     seed: int = 0
     rank: int = 8
     lora_alpha: float = 16.0  # alpha = 2 * rank, the common LoRA setting
@@ -204,6 +208,10 @@ class TrainSettings:
         )
 
     @property
+    def checkpoints(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir is not None else Path(self.output_dir) / "checkpoints"
+
+    @property
     def rollouts_per_step(self) -> int:
         return self.prompts_per_step * self.num_generations
 
@@ -268,7 +276,7 @@ def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int |
         )
     dtype, cuda = resolve_dtype(settings.dtype), torch.cuda.is_available()
     return CreditGRPOConfig(
-        output_dir=str(Path(settings.output_dir) / "checkpoints"),
+        output_dir=str(settings.checkpoints),
         seed=settings.seed,
         learning_rate=settings.learning_rate,
         max_steps=settings.max_steps,
@@ -328,7 +336,7 @@ def _deterministic(on: bool) -> Iterator[None]:
 
 def run_fingerprint(settings: TrainSettings, credit: CreditConfig, reward_funcs: Sequence[Callable]) -> dict:
     """Everything that shapes the trained adapter (not `output_dir`), as plain JSON values."""
-    settings_fields = {k: v for k, v in asdict(settings).items() if k != "output_dir"}
+    settings_fields = {k: v for k, v in asdict(settings).items() if k not in ("output_dir", "checkpoint_dir")}
     rewards = [f"{f.__module__}.{f.__qualname__}" for f in reward_funcs]
     # The code too: DVC reruns the stage when one of these modules changes, and resuming a checkpoint
     # written by the old code would hand back the old adapter.
@@ -390,7 +398,7 @@ def run_training(
     dataset = load_prompts(settings.train_path)
     out = Path(settings.output_dir)
     fingerprint = run_fingerprint(settings, credit, reward_funcs)
-    last, prior, prior_rows = resume_point(out, fingerprint)
+    last, prior, prior_rows = resume_point(out, fingerprint, settings.checkpoints)
     set_seed(settings.seed)
     with _deterministic(not torch.cuda.is_available()):
         if model is None:
@@ -400,7 +408,9 @@ def run_training(
         dataset, too_long = drop_long_prompts(
             dataset, tokenizer, settings.max_prompt_length, settings.chat_template_kwargs
         )
-        recorder = RunRecorder(out, settings.save_steps, settings.max_steps, fingerprint, prior, prior_rows)
+        recorder = RunRecorder(
+            out, settings.save_steps, settings.max_steps, fingerprint, prior, prior_rows, settings.checkpoints
+        )
         trainer = CreditGRPOTrainer(
             model=model,
             reward_funcs=list(reward_funcs),

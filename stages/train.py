@@ -1,6 +1,10 @@
 """Train one LoRA-GRPO run with one credit method; resumes from the run's last checkpoint if there is one.
 
     python -m stages.train --method arca --rank 8 --seed 0 [--params params.yaml] [--out data/runs/arca-r8-s0]
+        [--checkpoints data/checkpoints/arca-r8-s0]
+
+TRL checkpoints go to `--checkpoints`, outside the run's DVC outputs: untracked (never pushed, never a dep of
+`tables`/`figures`), and kept across reruns, so a killed or preempted run resumes from them.
 
 Reads params.yaml `model.{dtype, chat_template_kwargs}`, `lora` (`alpha`, or `alpha_per_rank`: alpha = ratio x
 rank), `train` and `credit.methods.<method>` (only the credit fields the method uses), the base model in
@@ -82,7 +86,9 @@ def _alpha_per_rank(lora: dict[str, Any], rank: int) -> float:
     return float(ratio) * rank
 
 
-def settings_from_params(params: dict[str, Any], method: str, rank: int, seed: int, out: Path):
+def settings_from_params(
+    params: dict[str, Any], method: str, rank: int, seed: int, out: Path, checkpoints: Path | None = None
+):
     """(`TrainSettings`, `CreditConfig`) from params.yaml, validated; no model or data is touched."""
     from arca.training import TrainSettings
 
@@ -101,7 +107,15 @@ def settings_from_params(params: dict[str, Any], method: str, rank: int, seed: i
         fields["dtype"] = model["dtype"]
     if model.get("chat_template_kwargs") is not None:
         fields["chat_template_kwargs"] = model["chat_template_kwargs"]
-    settings = TrainSettings(model_dir=MODEL_DIR, train_path=TRAIN_PATH, output_dir=out, seed=seed, rank=rank, **fields)
+    settings = TrainSettings(
+        model_dir=MODEL_DIR,
+        train_path=TRAIN_PATH,
+        output_dir=out,
+        checkpoint_dir=checkpoints,
+        seed=seed,
+        rank=rank,
+        **fields,
+    )
     return settings, credit
 
 
@@ -128,12 +142,22 @@ def check_world_size(params: dict[str, Any]) -> None:
 @click.option(
     "--out", default=None, type=click.Path(file_okay=False), help="default data/runs/<method>-r<rank>-s<seed>"
 )
-def main(method: str, rank: int, seed: int, params_path: str, out: str | None) -> None:
+@click.option(
+    "--checkpoints",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="TRL checkpoints; default data/checkpoints/<method>-r<rank>-s<seed>",
+)
+def main(method: str, rank: int, seed: int, params_path: str, out: str | None, checkpoints: str | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_world_size(load_params(params_path))
-    out_dir = Path(out) if out else Path("data/runs") / f"{method}-r{rank}-s{seed}"
+    run = f"{method}-r{rank}-s{seed}"
+    out_dir = Path(out) if out else Path("data/runs") / run
+    checkpoint_dir = Path(checkpoints) if checkpoints else Path("data/checkpoints") / run
     try:
-        settings, credit = settings_from_params(load_params(params_path), method, rank, seed, out_dir)
+        settings, credit = settings_from_params(
+            load_params(params_path), method, rank, seed, out_dir, checkpoint_dir
+        )
         for path, what in ((MODEL_DIR, "base model directory"), (TRAIN_PATH, "train parquet")):
             if not path.exists():
                 raise ValueError(f"{what} {path} does not exist; run the stage that writes it first (dvc repro)")

@@ -79,6 +79,9 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_builds_every_output(repo):
     for run in ("uniform-r4-s0", "arca-r4-s0"):
         assert (repo / "data/runs" / run / "adapter" / "adapter_config.json").is_file()
+        # TRL checkpoints sit outside the DVC outputs that tables/figures depend on (data/runs)
+        assert any((repo / "data/checkpoints" / run).glob("checkpoint-*/run_state.json"))
+        assert not (repo / "data/runs" / run / "checkpoints").exists()
         dump = pq.read_table(repo / "data/dumps" / f"{run}.parquet")
         assert dump.schema.remove_metadata() == dump_schema().remove_metadata()
         steps = set(dump.column("step").to_pylist())
