@@ -93,7 +93,10 @@ class TrainSettings:
             (defaults: HF's; the paper: cosine, 10, 1.0, 0.0); `max_grad_norm` 0 turns clipping off.
         max_prompt_length: drop training problems whose prompt (as TRL tokenizes it) is longer; None keeps all.
         dtype: `auto` = bfloat16 on CUDA, float32 on CPU.
-        use_vllm: TRL's vLLM generation, passed through (untested here).
+        use_vllm, vllm_mode, vllm_importance_sampling_correction: TRL's vLLM generation (`colocate`: vLLM shares
+            the training GPU; `server`: `trl vllm-serve` elsewhere) and its importance-sampling correction of the
+            sampler/trainer mismatch, passed through (untested here: no GPU). The credit hooks see TRL's loss
+            forward, whichever engine sampled the completions.
         chat_template_kwargs: passed to `apply_chat_template` (e.g. `{"enable_thinking": False}`).
     """
 
@@ -127,6 +130,8 @@ class TrainSettings:
     gradient_accumulation_steps: int = 1
     dtype: str = "auto"
     use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    vllm_importance_sampling_correction: bool = True  # TRL's default; the paper profile turns it off
     # Off by default: with it on, HF generation runs without a KV cache (~20x slower rollouts on CPU);
     # the paper profile turns it on to fit long completions of a 1.7B model in GPU memory.
     gradient_checkpointing: bool = False
@@ -199,6 +204,9 @@ class TrainSettings:
         )
         _require(isinstance(self.chat_template_kwargs, dict), "chat_template_kwargs", "a mapping", self)
         _require(isinstance(self.use_vllm, bool), "use_vllm", "true or false", self)
+        _require(self.vllm_mode in ("colocate", "server"), "vllm_mode", "one of colocate, server", self)
+        correction = self.vllm_importance_sampling_correction
+        _require(isinstance(correction, bool), "vllm_importance_sampling_correction", "true or false", self)
         rollouts = self.prompts_per_step * self.num_generations
         _require(
             rollouts % self.gradient_accumulation_steps == 0,
@@ -301,6 +309,8 @@ def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int |
         bf16=cuda and dtype == torch.bfloat16,  # mixed precision only on GPU; CPU runs stay float32
         fp16=cuda and dtype == torch.float16,
         use_vllm=settings.use_vllm,
+        vllm_mode=settings.vllm_mode,
+        vllm_importance_sampling_correction=settings.vllm_importance_sampling_correction,
         gradient_checkpointing=settings.gradient_checkpointing,
         chat_template_kwargs=dict(settings.chat_template_kwargs) or None,
         **credit_arguments(credit),

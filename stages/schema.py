@@ -179,6 +179,8 @@ class Train(Strict):
     save_steps: PositiveInt
     logging_steps: PositiveInt
     use_vllm: bool
+    vllm_mode: Literal["colocate", "server"]
+    vllm_importance_sampling_correction: bool
     gradient_checkpointing: bool
     num_processes: PositiveInt
     launcher: str

@@ -44,6 +44,8 @@ TRAIN_KEYS = (
     "logging_steps",
     "gradient_accumulation_steps",
     "use_vllm",
+    "vllm_mode",
+    "vllm_importance_sampling_correction",
     "gradient_checkpointing",
     "grader",
     "lr_scheduler_type",
