@@ -16,7 +16,7 @@ QUIET := { grep -v "is ignored" || true; }
 # Stage commands (`python -m stages.x` in dvc.yaml) must run with the project's interpreter.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test bench paper study plan params gpu-check lint clean wheel-check lock restore
+.PHONY: setup repro test test-scale bench paper study sweep gather plan params gpu-check lint clean wheel-check lock restore
 
 # constraints.txt is the exact tested set (.ci/lock.sh writes it); pyproject.toml holds the ranges users get.
 $(STAMP): pyproject.toml constraints.txt
@@ -34,7 +34,11 @@ repro: $(STAMP)
 	$(BIN)/dvc repro
 
 test: $(STAMP)  ## single-threaded torch: tiny models gain nothing from threads and tests stay fast on a busy machine
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest --ignore=tests/test_scale_out.py
+
+# The two-machine sweep on CPU (~4 min): kept out of `make test` for its 10-minute budget; CI runs both.
+test-scale: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/test_scale_out.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check arca stages tests bench examples
@@ -53,6 +57,17 @@ paper: $(STAMP)
 study: $(STAMP)
 	$(BIN)/dvc exp run -S profile=study
 	$(BIN)/dvc exp run -S profile=study -S credit.sharpening=2
+
+# The train cells on the GPUs of this machine, one GPU each, then the rest of the pipeline once (scale/README.md):
+# `make sweep NGPUS=8`, or GPUS="0 1 2 3" (GPUS="0,1 2,3": two per cell); PROFILE=<name> first writes that profile
+# into params.yaml (`git checkout params.yaml` brings back the default). Many machines: scale/slurm_sweep.sbatch
+# on the workers, then `make gather` in any clone (restores every train cell from DVC's run-cache, trains none).
+sweep: $(STAMP)
+	$(if $(PROFILE),$(BIN)/python -m stages.profile $(PROFILE))
+	$(if $(NGPUS),NGPUS=$(NGPUS)) $(if $(GPUS),GPUS="$(GPUS)") bash scale/sweep_local.sh
+
+gather: $(STAMP)
+	bash scale/gather.sh
 
 # Runs, rollouts, generated tokens and GPU-hours of the active params, or of PROFILE=<name>; with the throughput
 # `make gpu-check` measured once it exists (else the planner's defaults; PLAN_ARGS="--train-tokens-per-s N").
