@@ -41,13 +41,13 @@ from typing import Any
 
 import pandas as pd
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, Qwen3Config, TrainerCallback
 
 from arca.tiny import tiny_model
 from arca.trainer import CreditGRPOTrainer
 from arca.training import run_training
 from bench.step_overhead import id_reward, word_tokenizer
+from stages.profile import compose
 from stages.train import settings_from_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def _synchronize() -> None:
 
 def measure(method: str, size: Size, steps: int, workdir: Path, device: torch.device) -> dict[str, Any]:
     """Train `steps` steps of `method` with the paper profile's settings; timings, memory and the logged credit."""
-    params = yaml.safe_load(PROFILE.read_text())
+    params = compose("paper")  # the profile as DVC composes it (per-method credit blocks included)
     settings, credit = settings_from_params(params, method, RANK, SEED, workdir / method)
     settings = dataclasses.replace(
         settings,
