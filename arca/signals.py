@@ -1,7 +1,7 @@
 """Raw per-token salience signals (SPEC section 2) from at most two no-grad passes: adapter on and off.
 
 Every vocab-level statistic is computed once, in float32 chunks over the valid tokens only
-(`_vocab_stats`); a signal in the registry is then a cheap per-token map of those statistics.
+(`arca.vocab.vocab_stats`); a signal in the registry is then a cheap per-token map of those statistics.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 from torch import Tensor
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from arca.lora_local import capture_lora_norms
+from arca.vocab import LogitMap, flat, float_head, logit_map, vocab_stats
 
 SIGNAL_NAMES: tuple[str, ...] = (
     "uniform",
@@ -36,7 +36,7 @@ class TokenStats(dict):
     Keys: `valid` (always 1), `row` (the token's row in the batch, long), `logp` (log pi_theta(y_t)),
     `ref_logp`, `entropy`, `ref_entropy`, `kl`, `residual_norm` (||h_theta - h_ref||_2) and `lora_norm`
     (sum over LoRA modules of ||s B A x||_2). A signal that needs a new vocab-level statistic adds it in
-    `_vocab_stats`, so the vocabulary is still swept once.
+    `arca.vocab.vocab_stats`, so the vocabulary is still swept once.
     """
 
     def __missing__(self, key: str) -> Tensor:
@@ -148,85 +148,6 @@ def precision_sensitive(names: Iterable[str]) -> list[str]:
     return [n for n, s in zip(names, _lookup(names)) if s.needs_reference or s.needs_lora]
 
 
-def _flat(x: Tensor, n: int) -> Tensor:
-    return x.detach().reshape(n, -1)  # (B*T, D): a view, so only valid rows are ever copied
-
-
-@dataclass(frozen=True)
-class LogitMap:
-    """What a model's forward does to `lm_head(h)` before it returns logits, so hidden states + head give the
-    model's own logits: `softcap * tanh(scale * z / softcap)` (Cohere's `logit_scale`, Granite's
-    `1 / logits_scaling`, Gemma-2's `final_logit_softcapping`). The sampling temperature comes after it."""
-
-    scale: float = 1.0
-    softcap: float | None = None
-
-    def __call__(self, z: Tensor) -> Tensor:
-        if self.scale != 1.0:
-            z = z * self.scale
-        if self.softcap is not None:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
-
-
-def logit_map(model: torch.nn.Module) -> LogitMap:
-    """The `LogitMap` of an HF causal LM (PEFT-wrapped or not), read from its (text) config."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
-    scale = float(getattr(config, "logit_scale", None) or 1.0)
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling:
-        scale /= float(scaling)
-    return LogitMap(scale=scale, softcap=getattr(config, "final_logit_softcapping", None))
-
-
-def _float_head(lm_head: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The head's weight (and bias) in float32; gathered first where DeepSpeed ZeRO-3 shards it, as TRL does."""
-    bias = getattr(lm_head, "bias", None)
-    with maybe_gather_lm_head_ctx(lm_head.weight, bias):
-        return lm_head.weight.detach().float(), None if bias is None else bias.detach().float()
-
-
-def _vocab_stats(
-    sides: list[tuple[Tensor, tuple[Tensor, Tensor | None] | None]],
-    targets: Tensor,
-    rows: Tensor,
-    temperature: float,
-    chunk_tokens: int,
-    to_logits: LogitMap = LogitMap(),
-) -> dict[str, Tensor]:
-    """The single float32 sweep of the vocabulary, over the valid `rows` only, `chunk_tokens` at a time.
-
-    Args:
-        sides: [policy] or [policy, reference], each (states (B*T, D), head): states are logits (D = V)
-            when head is None, else hidden states mapped to logits by head = (weight (V, H), bias (V,)).
-        targets: (B*T,) token ids; rows: (N,) flat indices of the valid tokens.
-    """
-
-    def log_probs(states: Tensor, head: tuple[Tensor, Tensor | None] | None, idx: Tensor) -> Tensor:
-        z = states[idx].float()  # (c, D)
-        if head is not None:
-            z = to_logits(torch.nn.functional.linear(z, *head))  # (c, V) the model's own output logits
-        return torch.log_softmax(z / temperature, dim=-1)  # (c, V)
-
-    keys = ("logp", "entropy") + (("ref_logp", "ref_entropy", "kl") if len(sides) == 2 else ())
-    out: dict[str, list[Tensor]] = {k: [] for k in keys}
-    for start in range(0, rows.numel(), chunk_tokens):
-        idx = rows[start : start + chunk_tokens]  # (c,)
-        logp = log_probs(*sides[0], idx)  # (c, V)
-        p = logp.exp()
-        out["logp"].append(logp.gather(1, targets[idx, None]).squeeze(1))  # (c,)
-        out["entropy"].append(-(p * logp).sum(-1))
-        if len(sides) == 2:
-            logq = log_probs(*sides[1], idx)  # (c, V)
-            out["ref_logp"].append(logq.gather(1, targets[idx, None]).squeeze(1))
-            out["ref_entropy"].append(-(logq.exp() * logq).sum(-1))
-            # Exact KL(pi_theta || pi_ref) can round to -1e-7; a divergence is >= 0.
-            out["kl"].append((p * (logp - logq)).sum(-1).clamp_min(0.0))
-    empty = torch.zeros(0, device=rows.device)
-    return {k: torch.cat(v) if v else empty for k, v in out.items()}
-
-
 def _validate(
     target_ids: Tensor,
     mask: Tensor,
@@ -277,13 +198,13 @@ def _vocab_sides(
     if any(states[f"{side}_logits"] is None for side in wanted):
         if lm_head is None:
             raise ValueError(f"lm_head: signals {list(names)} need it to map hidden states to logits")
-        head = _float_head(lm_head)
+        head = float_head(lm_head)
     sides = []
     for side in wanted:
         logits, hidden = states[f"{side}_logits"], states[f"{side}_hidden"]
         if logits is None and hidden is None:
             raise ValueError(f"{side}_hidden: signals {list(names)} need it (or {side}_logits)")
-        sides.append((_flat(logits, n), None) if logits is not None else (_flat(hidden, n), head))
+        sides.append((flat(logits, n), None) if logits is not None else (flat(hidden, n), head))
     return sides
 
 
@@ -344,11 +265,11 @@ def signals_from_states(
         stats["lora_norm"] = lora_norms.detach().reshape(-1)[rows].float()
     sides = _vocab_sides(signals, names, lm_head, states, n)
     if sides:
-        stats.update(_vocab_stats(sides, target_ids.reshape(-1), rows, temperature, chunk_tokens, to_logits))
+        stats.update(vocab_stats(sides, target_ids.reshape(-1), rows, temperature, chunk_tokens, to_logits))
     policy_arca = policy_arca_hidden if policy_arca_hidden is not None else policy_hidden
     ref_arca = ref_arca_hidden if ref_arca_hidden is not None else ref_hidden
     if any(s.needs_reference for s in signals) and policy_arca is not None and ref_arca is not None:
-        delta = _flat(policy_arca, n)[rows].float() - _flat(ref_arca, n)[rows].float()  # (N, H)
+        delta = flat(policy_arca, n)[rows].float() - flat(ref_arca, n)[rows].float()  # (N, H)
         stats["residual_norm"] = torch.linalg.vector_norm(delta, dim=-1)  # (N,)
     result = {}
     for name, signal in zip(names, signals):

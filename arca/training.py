@@ -7,7 +7,8 @@ Layout of `output_dir`:
     checkpoints/            TRL checkpoints (optimizer, scheduler, RNG) for resuming, and snapshots/ (a copy of
                             adapters/, restored on resume); resumed only under the same settings and code
     log.tsv                 one row per logging step, columns `LOG_COLUMNS`
-    budget.json             rollouts and generated tokens, so equal budgets can be checked
+    budget.json             rollouts and generated tokens, so equal budgets can be checked, and `params_md5`
+                            (`settings_md5`: the settings the run was trained under)
     metrics.json            final summary
 
 The paper-protocol knobs (`grader`, `lr_scheduler_type`, `warmup_steps`, `max_grad_norm`, `weight_decay`,
@@ -28,7 +29,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,199 +41,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, s
 
 from arca.config import CreditGRPOConfig, credit_arguments
 from arca.credit_config import CreditConfig
-from arca.grading import REWARD_FUNCS, reward_function
+from arca.grading import reward_function
 from arca.io import write_json
-from arca.models import DTYPES as MODEL_DTYPES
 from arca.models import resolve_dtype
 from arca.rollouts import prompt_token_ids
 from arca.run_files import RunRecorder, json_safe, resume_point, save_adapter
+from arca.train_settings import ALL_LINEAR, DTYPES, LOSS_TYPES, LR_SCHEDULERS, SettingError, TrainSettings
 from arca.trainer import CreditGRPOTrainer
 
 logger = logging.getLogger(__name__)
+# Re-exported: `TrainSettings` and its choice lists live in arca.train_settings (no TRL import).
+__all__ = ["ALL_LINEAR", "DTYPES", "LOSS_TYPES", "LR_SCHEDULERS", "SettingError", "TrainSettings", "run_training"]
 
-DTYPES = ("auto", *MODEL_DTYPES)
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's
-# HF schedulers that need no extra kwargs (`cosine_with_min_lr`, `warmup_stable_decay`, ... do, and are left out).
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-LR_SCHEDULERS += ("inverse_sqrt",)
 DATA_COLUMNS = ("prompt_id", "prompt", "answer")
 SUMMARY_COLUMNS = ("reward", "frac_mixed_groups", "kl", "entropy", "completion_length")
 SUMMARY_COLUMNS += ("gini", "etr", "fallback_rate", "max_weight")
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Where each setting comes from, for error messages.
-_SOURCE = {
-    "rank": "--rank",
-    "seed": "--seed",
-    "lora_alpha": "lora.alpha",
-    "lora_dropout": "lora.dropout",
-    "target_modules": "lora.target_modules",
-    "dtype": "model.dtype",
-    "chat_template_kwargs": "model.chat_template_kwargs",
-}
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything one run needs besides its credit method (see `CreditConfig`).
-
-    Args:
-        model_dir: HF model directory (weights + tokenizer). train_path: Parquet with `DATA_COLUMNS`.
-        output_dir: the run's directory (see the module docstring).
-        checkpoint_dir: where TRL checkpoints (and kept snapshots) go; None = `output_dir/checkpoints`. The
-            pipeline keeps them outside the run's DVC outputs (data/checkpoints/<run>), untracked: nothing
-            downstream depends on ~100 MB of optimizer state, and a killed run still resumes from them.
-        seed: seeds LoRA init, sampling and data order.
-        rank, lora_alpha, lora_dropout, target_modules: LoRA, the same for every method (rank-matched).
-        learning_rate ... gradient_accumulation_steps: GRPO (TRL names); one optimizer step takes
-            `prompts_per_step` prompts x `num_generations` completions, split into
-            `gradient_accumulation_steps` micro-batches per process.
-        top_p, top_k: None leaves sampling unfiltered.
-        grader: the training reward, a name of `arca.grading.REWARD_FUNCS` (`math_verify` or the paper's `exact`).
-        lr_scheduler_type, warmup_steps, max_grad_norm, weight_decay: HF `TrainingArguments`, passed through
-            (defaults: HF's; the paper: cosine, 10, 1.0, 0.0); `max_grad_norm` 0 turns clipping off.
-        max_prompt_length: drop training problems whose prompt (as TRL tokenizes it) is longer; None keeps all.
-        dtype: `auto` = bfloat16 on CUDA, float32 on CPU.
-        use_vllm, vllm_mode, vllm_importance_sampling_correction: TRL's vLLM generation (`colocate`: vLLM shares
-            the training GPU; `server`: `trl vllm-serve` elsewhere) and its importance-sampling correction of the
-            sampler/trainer mismatch, passed through (untested here: no GPU). The credit hooks see TRL's loss
-            forward, whichever engine sampled the completions.
-        chat_template_kwargs: passed to `apply_chat_template` (e.g. `{"enable_thinking": False}`).
-    """
-
-    model_dir: Path
-    train_path: Path
-    output_dir: Path
-    checkpoint_dir: Path | None = None
-    seed: int = 0
-    rank: int = 8
-    lora_alpha: float = 16.0  # alpha = 2 * rank, the common LoRA setting
-    lora_dropout: float = 0.0  # > 0 costs saliences one dropout-free pass per micro-batch (SPEC 2b)
-    target_modules: tuple[str, ...] | str = ALL_LINEAR  # every linear layer of a Qwen3/Llama block
-    learning_rate: float = 1e-5  # LoRA needs ~10x the full-finetune GRPO rate
-    max_steps: int = 100
-    prompts_per_step: int = 8
-    num_generations: int = 8  # group size for GRPO's advantage baseline
-    max_completion_length: int = 512
-    beta: float = 0.0  # TRL's default: no KL penalty, no reference pass
-    temperature: float = 1.0  # sample from the policy itself
-    top_p: float | None = None
-    top_k: int | None = None
-    loss_type: str = "dapo"  # TRL's default: token-level normalization without length bias
-    grader: str = "math_verify"  # equivalence, not string equality: `0.5` earns credit against `\frac{1}{2}`
-    lr_scheduler_type: str = "linear"  # HF's default (decays to 0 at max_steps)
-    warmup_steps: int = 0  # HF's default
-    max_grad_norm: float = 1.0  # HF's default: clip the global gradient norm at 1
-    weight_decay: float = 0.0  # HF's default: no decay
-    max_prompt_length: int | None = None  # TRL has no limit; None keeps every problem
-    save_steps: int = 50
-    logging_steps: int = 1  # one log.tsv row per optimizer step
-    gradient_accumulation_steps: int = 1
-    dtype: str = "auto"
-    use_vllm: bool = False
-    vllm_mode: str = "colocate"
-    vllm_importance_sampling_correction: bool = True  # TRL's default; the paper profile turns it off
-    # Off by default: with it on, HF generation runs without a KV cache (~20x slower rollouts on CPU);
-    # the paper profile turns it on to fit long completions of a 1.7B model in GPU memory.
-    gradient_checkpointing: bool = False
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an int >= 0", self)
-        for name in (
-            "rank",
-            "max_steps",
-            "prompts_per_step",
-            "max_completion_length",
-            "save_steps",
-            "logging_steps",
-            "gradient_accumulation_steps",
-        ):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, "an int > 0", self)
-        _require(
-            isinstance(self.num_generations, int) and self.num_generations >= 2,
-            "num_generations",
-            "an int >= 2 (GRPO's baseline needs a group)",
-            self,
-        )
-        for name in ("learning_rate", "lora_alpha", "temperature"):
-            _require(_finite(getattr(self, name)) and getattr(self, name) > 0, name, "> 0", self)
-        _require(_finite(self.beta) and self.beta >= 0, "beta", ">= 0", self)
-        _require(_finite(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)", self)
-        _require(
-            self.top_p is None or (_finite(self.top_p) and 0 < self.top_p <= 1), "top_p", "null or in (0, 1]", self
-        )
-        _require(
-            self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0),
-            "top_k",
-            "null or an int >= 0",
-            self,
-        )
-        _require(self.loss_type in LOSS_TYPES, "loss_type", f"one of {', '.join(LOSS_TYPES)}", self)
-        _require(self.grader in REWARD_FUNCS, "grader", f"one of {', '.join(REWARD_FUNCS)}", self)
-        _require(
-            self.lr_scheduler_type in LR_SCHEDULERS, "lr_scheduler_type", f"one of {', '.join(LR_SCHEDULERS)}", self
-        )
-        _require(
-            isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool) and self.warmup_steps >= 0,
-            "warmup_steps",
-            "an int >= 0 (optimizer steps)",
-            self,
-        )
-        for name in ("max_grad_norm", "weight_decay"):
-            _require(_finite(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0", self)
-        _require(
-            self.max_prompt_length is None
-            or (
-                isinstance(self.max_prompt_length, int)
-                and not isinstance(self.max_prompt_length, bool)
-                and self.max_prompt_length > 0
-            ),
-            "max_prompt_length",
-            "null or an int > 0 (tokens)",
-            self,
-        )
-        _require(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}", self)
-        modules = self.target_modules
-        _require(
-            isinstance(modules, str)
-            or (len(modules) > 0 and all(isinstance(m, str) for m in modules) and "lm_head" not in modules),
-            "target_modules",
-            "a PEFT preset such as 'all-linear' or a non-empty list of module names without lm_head",
-            self,
-        )
-        _require(isinstance(self.chat_template_kwargs, dict), "chat_template_kwargs", "a mapping", self)
-        _require(isinstance(self.use_vllm, bool), "use_vllm", "true or false", self)
-        _require(self.vllm_mode in ("colocate", "server"), "vllm_mode", "one of colocate, server", self)
-        correction = self.vllm_importance_sampling_correction
-        _require(isinstance(correction, bool), "vllm_importance_sampling_correction", "true or false", self)
-        rollouts = self.prompts_per_step * self.num_generations
-        _require(
-            rollouts % self.gradient_accumulation_steps == 0,
-            "gradient_accumulation_steps",
-            f"a divisor of prompts_per_step x num_generations = {rollouts}",
-            self,
-        )
-
-    @property
-    def checkpoints(self) -> Path:
-        return Path(self.checkpoint_dir) if self.checkpoint_dir is not None else Path(self.output_dir) / "checkpoints"
-
-    @property
-    def rollouts_per_step(self) -> int:
-        return self.prompts_per_step * self.num_generations
-
-
-def _finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _require(ok: bool, name: str, what: str, settings: TrainSettings) -> None:
-    if not ok:
-        source = _SOURCE.get(name, f"train.{name}")
-        prefix = "" if source.startswith("--") else "params.yaml: "
-        raise ValueError(f"{prefix}{source} must be {what}, got {getattr(settings, name)!r}")
 
 
 def load_prompts(path: Path) -> Dataset:
@@ -366,10 +189,12 @@ TRAINING_MODULES = (
     "arca.credit_log",
     "arca.sampler",
     "arca.training",
+    "arca.train_settings",
     "arca.run_files",
     "arca.credit",
     "arca.credit_config",
     "arca.signals",
+    "arca.vocab",
     "arca.lora_local",
     "arca.precision",
     "arca.grading",
@@ -438,11 +263,26 @@ def run_training(
         if last:
             logger.info("resuming %s from %s", out, last)
         trainer.train(resume_from_checkpoint=last)
-    return _finish(trainer, recorder, settings, credit, too_long) if trainer.is_world_process_zero() else {}
+    if not trainer.is_world_process_zero():
+        return {}
+    return _finish(trainer, recorder, settings, credit, too_long, settings_md5(fingerprint))
+
+
+def settings_md5(fingerprint: dict) -> str:
+    """md5 of a `run_fingerprint` without its code hashes: the run's settings, credit and reward functions.
+    budget.json records it (and dumps copy it), so a code change that retrains to the same adapter reruns nothing
+    downstream, while two runs with equal budget.json were trained under equal settings."""
+    run = {k: v for k, v in fingerprint.items() if k != "code"}
+    return hashlib.md5(json.dumps(run, sort_keys=True).encode()).hexdigest()
 
 
 def _finish(
-    trainer: CreditGRPOTrainer, recorder: RunRecorder, settings: TrainSettings, credit: CreditConfig, too_long: int
+    trainer: CreditGRPOTrainer,
+    recorder: RunRecorder,
+    settings: TrainSettings,
+    credit: CreditConfig,
+    too_long: int,
+    params_md5: str,
 ) -> dict:
     """Write adapter/, budget.json and metrics.json; return the metrics."""
     out, steps = Path(settings.output_dir), trainer.state.global_step
@@ -456,6 +296,7 @@ def _finish(
         "steps": steps,
         "rollouts": settings.rollouts_per_step * steps,
         "generated_tokens": trainer.generated_tokens,
+        "params_md5": params_md5,
     }
     if settings.max_prompt_length is not None:  # absent otherwise: the default's budget.json stays as it was
         budget["prompts_too_long"] = too_long

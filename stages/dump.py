@@ -86,13 +86,20 @@ def main(method: str, rank: int, seed: int, params_path: str) -> None:
     dtype = resolve_dtype(section(params, "model").get("dtype", "auto"))
     checked = a32_signals(dtype, SIGNAL_NAMES)
     df = dump_run(run, meta, params, checked)
+    # Exactly what this stage reads (its dvc.yaml params) plus the run's own settings hash from budget.json.
+    model, train = section(params, "model"), section(params, "train")
     phash = params_hash(
-        params.get("model"), params.get("train"), params.get("lora"), params.get("credit"), params.get("dump")
+        budget.get("params_md5"),
+        {k: model.get(k) for k in ("dtype", "chat_template_kwargs")},
+        {k: train.get(k) for k in ("max_completion_length", "temperature")},
+        params.get("credit"),
+        params.get("dump"),
     )
     schema = dump_schema(SIGNAL_NAMES, checked)
     metadata = {
         "arca.schema": str(schema),
         "arca.params_md5": phash,
+        "arca.run_params_md5": str(budget.get("params_md5", "")),
         "arca.run": run,
         "arca.dtype": str(dtype).removeprefix("torch."),
         "arca.a32_signals": ",".join(checked),

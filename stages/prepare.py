@@ -24,18 +24,9 @@ import click
 import pandas as pd
 
 from arca.arithmetic import arithmetic_problems
-from arca.data import (
-    PROBLEM_FIELD,
-    SELECTIONS,
-    build_prompt,
-    filter_problems,
-    load_embedded,
-    load_hub,
-    load_math_path,
-    normalize_table,
-    raw_prompt,
-)
+from arca.data import SELECTIONS, filter_problems, load_embedded, load_hub, load_math_path, normalize_table
 from arca.io import write_json, write_parquet
+from arca.prompts import PROBLEM_FIELD, build_prompt, raw_prompt
 from stages.common import load_params, section
 
 SOURCES = ("embedded", "path", "hub")

@@ -77,6 +77,18 @@ def with_numbers(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+# TrainSettings fields named otherwise in params.yaml or on the command line (the rest are `train.<field>`).
+SETTING_SOURCES = {
+    "rank": "--rank",
+    "seed": "--seed",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "target_modules": "lora.target_modules",
+    "dtype": "model.dtype",
+    "chat_template_kwargs": "model.chat_template_kwargs",
+}
+
+
 def _alpha_per_rank(lora: dict[str, Any], rank: int) -> float:
     """`lora.alpha_per_rank` x rank: one alpha / rank ratio for a study over several ranks (the paper: alpha = 2r,
     i.e. 8, 32, 128 at r = 4, 16, 64); exclusive with a fixed `lora.alpha`."""
@@ -92,7 +104,7 @@ def settings_from_params(
     params: dict[str, Any], method: str, rank: int, seed: int, out: Path, checkpoints: Path | None = None
 ):
     """(`TrainSettings`, `CreditConfig`) from params.yaml, validated; no model or data is touched."""
-    from arca.training import TrainSettings
+    from arca.train_settings import SettingError, TrainSettings
 
     params = with_numbers(params)
     credit = method_credit_config(params, method)
@@ -109,15 +121,20 @@ def settings_from_params(
         fields["dtype"] = model["dtype"]
     if model.get("chat_template_kwargs") is not None:
         fields["chat_template_kwargs"] = model["chat_template_kwargs"]
-    settings = TrainSettings(
-        model_dir=MODEL_DIR,
-        train_path=TRAIN_PATH,
-        output_dir=out,
-        checkpoint_dir=checkpoints,
-        seed=seed,
-        rank=rank,
-        **fields,
-    )
+    try:
+        settings = TrainSettings(
+            model_dir=MODEL_DIR,
+            train_path=TRAIN_PATH,
+            output_dir=out,
+            checkpoint_dir=checkpoints,
+            seed=seed,
+            rank=rank,
+            **fields,
+        )
+    except SettingError as err:  # the library names its field; here the user needs the params key
+        source = SETTING_SOURCES.get(err.field, f"train.{err.field}")
+        prefix = "" if source.startswith("--") else "params.yaml: "
+        raise ValueError(f"{prefix}{source} {err.detail}") from None
     return settings, credit
 
 

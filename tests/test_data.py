@@ -12,9 +12,7 @@ import pytest
 from arca import data
 from arca.data import (
     COLUMNS,
-    PAPER_TEMPLATE,
     TABLE_COLUMNS,
-    build_prompt,
     filter_problems,
     load_embedded,
     load_math_path,
@@ -22,8 +20,8 @@ from arca.data import (
     numeric_answer,
     parse_level,
     prompt_id,
-    raw_prompt,
 )
+from arca.prompts import PAPER_TEMPLATE, build_prompt, raw_prompt
 
 PROBLEMS = {
     "algebra/1.json": {
@@ -235,7 +233,7 @@ def test_raw_prompt():
     instruction = "Solve this math problem step by step. Put your final answer in \\boxed{}."
     assert text == instruction + "\n\nProblem: What is $1+1$?\n"
     assert raw_prompt("a {b} c", "Q: {problem} {problem}") == "Q: a {b} c a {b} c"  # literal replace, no format()
-    with pytest.raises(ValueError, match=r"prompt\.template must be a string containing \{problem\}"):
+    with pytest.raises(ValueError, match=r"^template: must be a string containing \{problem\}"):
         raw_prompt("a", "no field")
     with pytest.raises(ValueError, match="problem"):
         raw_prompt(" ", PAPER_TEMPLATE)

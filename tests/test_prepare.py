@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from arca import data as arca_data
-from arca.data import PAPER_TEMPLATE
+from arca.prompts import PAPER_TEMPLATE
 from stages.prepare import build_tables, check_params
 from stages.prepare import main as prepare_cli
 

@@ -173,23 +173,23 @@ def test_changed_settings_start_over(tmp_path, train_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"rank": 0}, "--rank must be an int > 0, got 0"),
-        ({"max_steps": 0}, "params.yaml: train.max_steps must be an int > 0, got 0"),
-        ({"num_generations": 1}, "train.num_generations"),
-        ({"learning_rate": -1.0}, "train.learning_rate must be > 0"),
-        ({"target_modules": ("q_proj", "lm_head")}, "lora.target_modules"),
-        ({"gradient_accumulation_steps": 3}, "train.gradient_accumulation_steps must be a divisor of"),
-        ({"dtype": "float64"}, "model.dtype"),
-        ({"grader": "sympy"}, "params.yaml: train.grader must be one of math_verify, exact, got 'sympy'"),
-        ({"lr_scheduler_type": "cosine_with_min_lr"}, "params.yaml: train.lr_scheduler_type must be one of linear"),
-        ({"warmup_steps": -1}, r"train.warmup_steps must be an int >= 0 \(optimizer steps\), got -1"),
-        ({"warmup_steps": 0.1}, "train.warmup_steps must be an int >= 0"),
-        ({"max_grad_norm": -1.0}, "train.max_grad_norm must be a number >= 0, got -1.0"),
-        ({"weight_decay": float("nan")}, "train.weight_decay must be a number >= 0"),
-        ({"max_prompt_length": 0}, r"train.max_prompt_length must be null or an int > 0 \(tokens\), got 0"),
+        ({"rank": 0}, "TrainSettings.rank must be an int > 0, got 0"),
+        ({"max_steps": 0}, "^TrainSettings.max_steps must be an int > 0, got 0$"),
+        ({"num_generations": 1}, "TrainSettings.num_generations"),
+        ({"learning_rate": -1.0}, "TrainSettings.learning_rate must be > 0"),
+        ({"target_modules": ("q_proj", "lm_head")}, "TrainSettings.target_modules"),
+        ({"gradient_accumulation_steps": 3}, "TrainSettings.gradient_accumulation_steps must be a divisor of"),
+        ({"dtype": "float64"}, "TrainSettings.dtype"),
+        ({"grader": "sympy"}, "TrainSettings.grader must be one of math_verify, exact, got 'sympy'"),
+        ({"lr_scheduler_type": "cosine_with_min_lr"}, "TrainSettings.lr_scheduler_type must be one of linear"),
+        ({"warmup_steps": -1}, r"TrainSettings.warmup_steps must be an int >= 0 \(optimizer steps\), got -1"),
+        ({"warmup_steps": 0.1}, "TrainSettings.warmup_steps must be an int >= 0"),
+        ({"max_grad_norm": -1.0}, "TrainSettings.max_grad_norm must be a number >= 0, got -1.0"),
+        ({"weight_decay": float("nan")}, "TrainSettings.weight_decay must be a number >= 0"),
+        ({"max_prompt_length": 0}, r"TrainSettings.max_prompt_length must be null or an int > 0 \(tokens\), got 0"),
     ],
 )
-def test_train_settings_errors_name_the_key(tmp_path, overrides, message):
+def test_train_settings_errors_name_the_field_not_a_params_key(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         settings(tmp_path, tmp_path / "train.parquet", "run", **overrides)
 
