@@ -4,25 +4,28 @@ the mean accuracy (mean@k) and pass@k (at least one of the k correct), each grad
 
 pass@k here is the plain "any of k correct" over exactly k samples: the unbiased estimator
 `1 - C(n - c, k) / C(n, k)` that the paper's code calls reduces to it when n = k.
-Left out: confidence intervals (SPEC 7 asks for 95% Wilson intervals; `tables` can add them from the
-per-problem columns, which are kept for that).
+Intervals: `tables` adds 95% Wilson intervals (SPEC 7) and paired bootstrap differences from the per-problem
+columns, which are kept for that.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from arca.grading import GRADERS
-from arca.rollouts import generate
+from arca.rollouts import Rollouts, generate
 
 # grader name -> prefix of its columns and summary keys; math-verify keeps the historical unprefixed names.
 PREFIXES = {"math_verify": "", "exact": "exact_"}
 
 
 def evaluate(
-    model: PreTrainedModel,
+    model: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase,
     problems: pd.DataFrame,
     *,
@@ -34,6 +37,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 16,
     chat_template_kwargs: dict | None = None,
+    sample: Callable[..., Rollouts] | None = None,
 ) -> pd.DataFrame:
     """One row per problem: prompt_id, eval_set; per grader (`PREFIXES`) `greedy` (0/1), `mean_k` (mean reward
     over k samples) and `pass_k` (1 if any of the k is correct); and the greedy completion text (for auditing).
@@ -42,16 +46,20 @@ def evaluate(
         problems: columns prompt_id, eval_set, prompt (chat messages or raw text), answer.
         k: samples per problem (0: greedy only; the k columns are then 0).
         temperature, top_p, top_k: sampling of the k completions (top_p 1 and top_k 0: unfiltered).
+        sample: the engine, called as `sample(prompts, samples=..., greedy=..., ...)` with `arca.rollouts.generate`'s
+            keywords (e.g. a bound `VLLMSampler.generate`); None: HF `generate` with `model` (then required).
     """
+    if sample is None:
+        if model is None:
+            raise ValueError("model: required when no `sample` engine is given")
+        sample = partial(generate, model, tokenizer)
     prompts = list(problems["prompt"])
     answers = list(problems["answer"])
     kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat_template_kwargs": chat_template_kwargs}
-    greedy = generate(model, tokenizer, prompts, samples=1, greedy=True, **kwargs)
+    greedy = sample(prompts, samples=1, greedy=True, **kwargs)
     sampled = None
     if k > 0:
-        sampled = generate(
-            model,
-            tokenizer,
+        sampled = sample(
             prompts,
             samples=k,
             greedy=False,

@@ -97,7 +97,7 @@ def generate(
     """
     texts, special = prompt_texts(tokenizer, prompts, chat_template_kwargs)
     flat = [(i, s) for i in range(len(texts)) for s in range(samples)]
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model.generation_config, tokenizer)
     old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
@@ -123,19 +123,32 @@ def generate(
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
-    return _assemble(chunks, flat, tokenizer, eos_ids)
+    return assemble(chunks, flat, tokenizer, eos_ids)
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    ids = model.generation_config.eos_token_id
+def eos_token_ids(generation_config: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end a completion: the generation config's EOS ids (Qwen3 chat: `<|im_end|>` and
+    `<|endoftext|>`) plus the tokenizer's own."""
+    ids = generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
 
 
-def _assemble(chunks, flat, tokenizer, eos_ids) -> Rollouts:
-    """Pad every batch to one common prompt width P (left) and completion width C (right)."""
+def assemble(
+    chunks: Sequence[tuple[Tensor, Tensor, Tensor]],
+    flat: Sequence[tuple[int, int]],
+    tokenizer: PreTrainedTokenizerBase,
+    eos_ids: Sequence[int],
+) -> Rollouts:
+    """`Rollouts` from generated batches, padded to one common prompt width P (left) and completion width C (right).
+
+    Args:
+        chunks: per batch, (prompt ids (n, p) left-padded, prompt attention mask (n, p), completion ids (n, c)).
+        flat: (prompt index, sample) of every sequence, in the order of the chunks' rows.
+        eos_ids: the ids that end a completion (`eos_token_ids`).
+    """
     pad = tokenizer.pad_token_id
     width_p = max(p.shape[1] for p, _, _ in chunks)
     width_c = max(c.shape[1] for _, _, c in chunks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +52,16 @@ def check_layer(layer: int, num_hidden_layers: int, key: str) -> None:
             f"params.yaml: `{key}`: must be in [-{num_hidden_layers + 1}, {num_hidden_layers}] (hidden_states of "
             f"this {num_hidden_layers}-layer model; -1 = final), got {layer}"
         )
+
+
+ENGINES = ("hf", "vllm")  # sampling engines of the dump and evaluate stages (`<section>.engine`)
+
+
+def check_engine(params: dict[str, Any], key: str) -> str:
+    """`params[key].engine` (default `hf`), checked: `vllm` must be importable (the `[vllm]` extra, a CUDA GPU)."""
+    engine = section(params, key).get("engine", "hf")
+    if engine not in ENGINES:
+        raise ValueError(f"params.yaml: {key}.engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError(f"params.yaml: {key}.engine: vllm is not installed; pip install '.[vllm]' or set it to hf")
+    return engine

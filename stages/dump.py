@@ -6,11 +6,15 @@ checkpoint of one run (step 0 included), as one Parquet file (SPEC section 6).
 When `model.dtype` resolves to a dtype other than float32 (bf16 on a GPU), every precision-sensitive signal
 is recomputed in float32 on the same rollouts and checkpoint and written as `a32_<signal>` (SPEC 2b); the
 file's metadata records the dtype (`arca.dtype`) and those signals (`arca.a32_signals`).
+
+`dump.engine` samples the rollouts: `hf` (`model.generate`) or `vllm` (arca.vllm_rollouts, the snapshot served
+as a vLLM LoRA); the signals come from the HF model on those tokens either way (`arca.engine` in the metadata).
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import click
@@ -21,27 +25,31 @@ from arca.dump import a32_signals, dump_schema, float32_saliences, signal_weight
 from arca.grading import math_reward
 from arca.io import read_json, write_parquet
 from arca.models import resolve_dtype
-from arca.rollouts import generate
+from arca.rollouts import Rollouts, generate
 from arca.signals import SIGNAL_NAMES
-from stages.common import load_params, section
+from stages.common import check_engine, load_params, section
 from stages.credit_params import credit_config
-from stages.runs import load_base_model, params_hash, run_id, snapshots, with_adapter
+from stages.runs import load_base_model, params_hash, run_id, snapshots, vllm_sampler, with_adapter
 
 log = logging.getLogger("stages.dump")
 
 
-def dump_run(run: str, meta: dict, params: dict, checked: list[str]) -> pd.DataFrame:
-    """Every checkpoint's token table; `checked` lists the signals that also get `a32_` columns."""
+def dump_run(run: str, meta: dict, params: dict, checked: list[str], engine: str = "hf") -> pd.DataFrame:
+    """Every checkpoint's token table; `checked` lists the signals that also get `a32_` columns. `engine` samples
+    the rollouts (`hf` or `vllm`); the signals are computed by the HF model on the sampled tokens either way."""
     dump, credit = section(params, "dump"), credit_config(params, meta["method"])
     train = section(params, "train")
     model_params = section(params, "model")
     probe = pd.read_parquet("data/prepared/probe.parquet")
-    base, tokenizer = load_base_model(model_params.get("dtype", "auto"))
+    dtype = model_params.get("dtype", "auto")
+    base, tokenizer = load_base_model(dtype)
     batch_size, temperature = dump.get("batch_size", 16), train.get("temperature", 1.0)
+    sampler = vllm_sampler(dtype, meta["rank"], dump.get("seed", 0)) if engine == "vllm" else None
     tables = []
     for step, adapter_dir in snapshots(Path("data/runs") / run).items():
         model = with_adapter(base, adapter_dir)
-        rollouts = generate(
+        sample = generate if sampler is None else partial(_vllm_generate, sampler, adapter_dir=adapter_dir)
+        rollouts = sample(
             model,
             tokenizer,
             list(probe["prompt"]),
@@ -68,6 +76,12 @@ def dump_run(run: str, meta: dict, params: dict, checked: list[str]) -> pd.DataF
     return pd.concat(tables, ignore_index=True)
 
 
+def _vllm_generate(sampler, model, tokenizer, prompts, *, adapter_dir: Path, **kwargs) -> Rollouts:
+    """`generate`'s call shape on a `VLLMSampler` (the HF model is not used for sampling)."""
+    del model
+    return sampler.generate(tokenizer, prompts, adapter_dir=adapter_dir, **kwargs)
+
+
 @click.command()
 @click.option("--method", required=True)
 @click.option("--rank", required=True, type=int)
@@ -80,12 +94,13 @@ def main(method: str, rank: int, seed: int, params_path: str) -> None:
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"params.yaml: dump.{key} must be a positive int, got {value!r}")
     credit_config(params, method)  # bad credit params fail here, before any model loads
+    engine = check_engine(params, "dump")
     run = run_id(method, rank, seed)
     budget = read_json(Path("data/runs") / run / "budget.json")
     meta = {"run": run, "method": budget["method"], "rank": budget["rank"], "seed": budget["seed"]}
     dtype = resolve_dtype(section(params, "model").get("dtype", "auto"))
     checked = a32_signals(dtype, SIGNAL_NAMES)
-    df = dump_run(run, meta, params, checked)
+    df = dump_run(run, meta, params, checked, engine)
     # Exactly what this stage reads (its dvc.yaml params) plus the run's own settings hash from budget.json.
     model, train = section(params, "model"), section(params, "train")
     phash = params_hash(
@@ -103,6 +118,7 @@ def main(method: str, rank: int, seed: int, params_path: str) -> None:
         "arca.run": run,
         "arca.dtype": str(dtype).removeprefix("torch."),
         "arca.a32_signals": ",".join(checked),
+        "arca.engine": engine,
     }
     write_parquet(Path("data/dumps") / f"{run}.parquet", df, schema=schema, metadata=metadata)
 

@@ -4,8 +4,10 @@ of one run's final adapter, or of the base model, graded by math-verify and by t
     python -m stages.evaluate --method arca --rank 8 --seed 0     # a trained run
     python -m stages.evaluate --base                              # the base model
 
-Params `evaluate`: k, max_new_tokens, batch_size, temperature, seed, primary, and `top_p` / `top_k` (null:
-unfiltered sampling; the paper samples its pass@4 at temperature 1.0 and top-p 0.95). The JSON keeps its
+Params `evaluate`: k, max_new_tokens, batch_size, temperature, seed, primary, `top_p` / `top_k` (null:
+unfiltered sampling; the paper samples its pass@4 at temperature 1.0 and top-p 0.95), and `engine`: `hf`
+(`model.generate`) or `vllm` (arca.vllm_rollouts: the adapter served as a vLLM LoRA; other random draws than
+HF's, so sampled numbers differ between engines under one seed). The JSON keeps its
 fields (`pass@1`, `mean@<k>`, `n` per set) and adds `pass_at_k` and the `exact_` ones (see arca.evaluation).
 """
 
@@ -13,15 +15,17 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from pathlib import Path
 
 import click
 import pandas as pd
+from transformers import AutoTokenizer
 
 from arca.evaluation import evaluate, summarize
 from arca.io import write_json, write_parquet
-from stages.common import load_params, section
-from stages.runs import load_base_model, run_id, with_adapter
+from stages.common import check_engine, load_params, section
+from stages.runs import BASE_DIR, load_base_model, run_id, vllm_sampler, with_adapter
 
 OUT = Path("data/eval")
 
@@ -70,6 +74,7 @@ def main(method: str | None, rank: int | None, seed: int | None, is_base: bool, 
     params = load_params(params_path)
     block, model_params = section(params, "evaluate"), section(params, "model")
     check(block)
+    engine = check_engine(params, "evaluate")
     if block.get("primary") not in (None, *section(section(params, "data"), "eval")):
         raise ValueError(f"params.yaml: evaluate.primary must name one of data.eval's sets, got {block['primary']!r}")
     if not is_base and None in (method, rank, seed):
@@ -79,9 +84,14 @@ def main(method: str | None, rank: int | None, seed: int | None, is_base: bool, 
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no trained adapter; run `dvc repro train` first")
     problems = pd.read_parquet("data/prepared/eval.parquet")
-    model, tokenizer = load_base_model(model_params.get("dtype", "auto"))
-    if adapter is not None:
-        model = with_adapter(model, adapter)
+    dtype = model_params.get("dtype", "auto")
+    if engine == "vllm":  # vLLM samples with the adapter itself: no HF model on the GPU
+        model, tokenizer = None, AutoTokenizer.from_pretrained(BASE_DIR)
+        sampler = vllm_sampler(dtype, max_rank=rank or 1, seed=int(block.get("seed", 0)))
+        sample = partial(sampler.generate, tokenizer, adapter_dir=adapter)
+    else:
+        model, tokenizer = load_base_model(dtype)
+        model, sample = model if adapter is None else with_adapter(model, adapter), None
     per_problem = evaluate(
         model,
         tokenizer,
@@ -92,6 +102,7 @@ def main(method: str | None, rank: int | None, seed: int | None, is_base: bool, 
         seed=int(block.get("seed", 0)),
         batch_size=block["batch_size"],
         chat_template_kwargs=model_params.get("chat_template_kwargs"),
+        sample=sample,
     )
     summary = {
         "run": run,
@@ -99,6 +110,7 @@ def main(method: str | None, rank: int | None, seed: int | None, is_base: bool, 
         "rank": 0 if is_base else rank,
         "seed": -1 if is_base else seed,
         "k": block["k"],
+        "engine": engine,
         "sets": summarize(per_problem, block["k"]),
     }
     primary = block.get("primary")

@@ -47,3 +47,11 @@ def with_adapter(base, adapter_dir: Path) -> PeftModel:
 def params_hash(*sections: dict) -> str:
     """md5 of the JSON of the params sections a file was computed from (recorded in Parquet metadata)."""
     return hashlib.md5(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def vllm_sampler(dtype: str, max_rank: int, seed: int, max_model_len: int | None = None):
+    """A `VLLMSampler` over the base model, in the dtype the HF path would load (`auto`: bf16 on CUDA)."""
+    from arca.vllm_rollouts import VLLMSampler
+
+    name = str(resolve_dtype(dtype)).removeprefix("torch.")
+    return VLLMSampler(BASE_DIR, dtype=name, max_rank=max_rank, seed=seed, max_model_len=max_model_len)

@@ -226,6 +226,7 @@ class Dump(Strict):
     samples: PositiveInt
     seed: int
     batch_size: PositiveInt
+    engine: Literal["hf", "vllm"]
 
 
 class Diagnostics(Strict):
@@ -250,6 +251,7 @@ class Evaluate(Strict):
     seed: int
     batch_size: PositiveInt
     primary: Literal["arithmetic", "math"]
+    engine: Literal["hf", "vllm"]
 
 
 class Figures(Strict):
@@ -296,4 +298,3 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> Params:
         return Params.model_validate(params)
     except ValidationError as err:
         raise describe(err, Params, source) from None
-

@@ -174,9 +174,7 @@ def main(method: str, rank: int, seed: int, params_path: str, out: str | None, c
     out_dir = Path(out) if out else Path("data/runs") / run
     checkpoint_dir = Path(checkpoints) if checkpoints else Path("data/checkpoints") / run
     try:
-        settings, credit = settings_from_params(
-            load_params(params_path), method, rank, seed, out_dir, checkpoint_dir
-        )
+        settings, credit = settings_from_params(load_params(params_path), method, rank, seed, out_dir, checkpoint_dir)
         for path, what in ((MODEL_DIR, "base model directory"), (TRAIN_PATH, "train parquet")):
             if not path.exists():
                 raise ValueError(f"{what} {path} does not exist; run the stage that writes it first (dvc repro)")

@@ -1,5 +1,5 @@
 """Stage `validate`: the whole params.yaml against `stages.schema`, plus the checks that need the base model
-(ARCA's layer index), before any train cell runs.
+(ARCA's layer index) or the installed packages (vLLM), before any train cell runs.
 
     python -m stages.validate [--params params.yaml] [--model data/models/base] [--out data/params.valid]
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from arca.io import write_text
-from stages.common import check_layer, load_params
+from stages.common import check_engine, check_layer, load_params
 from stages.schema import validate
 from stages.strict import ParamsError
 
@@ -33,14 +33,22 @@ def check_model(params, model_dir: Path) -> None:
             check_layer(block.layer, layers, f"credit.methods.{method}.layer")
 
 
+def check_engines(raw: dict) -> None:
+    """An engine that is not installed fails here, not after the train cells have run."""
+    for section in ("dump", "evaluate"):
+        check_engine(raw, section)
+
+
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", "model_dir", default="data/models/base", type=click.Path(file_okay=False))
 @click.option("--out", default="data/params.valid", type=click.Path(dir_okay=False))
 def main(params_path: str, model_dir: str, out: str) -> None:
     try:
-        params = validate(load_params(params_path), params_path)
+        raw = load_params(params_path)
+        params = validate(raw, params_path)
         check_model(params, Path(model_dir))
+        check_engines(raw)
     except (ParamsError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     write_text(Path(out), VALID)

@@ -4,6 +4,7 @@ raw and chat prompts on a tiny model, sampling params validated with the key nam
 from __future__ import annotations
 
 import json
+from functools import partial
 from types import SimpleNamespace
 
 import pandas as pd
@@ -12,7 +13,6 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from arca import evaluation
 from arca.evaluation import PREFIXES, evaluate, summarize
 from stages.evaluate import check, sampling
 from stages.evaluate import main as evaluate_cli
@@ -39,9 +39,8 @@ def fake_generate(model, tokenizer, prompts, *, samples, greedy, **kwargs):
     return SimpleNamespace(prompt_index=index, texts=list(texts))
 
 
-def test_scores_under_both_graders(monkeypatch):
-    monkeypatch.setattr(evaluation, "generate", fake_generate)
-    rows = evaluate(None, None, PROBLEMS, k=2, max_new_tokens=4)
+def test_scores_under_both_graders():
+    rows = evaluate(None, None, PROBLEMS, k=2, max_new_tokens=4, sample=partial(fake_generate, None, None))
     assert list(rows.columns) == [
         "prompt_id",
         "eval_set",
@@ -72,9 +71,8 @@ def test_scores_under_both_graders(monkeypatch):
     assert set(PREFIXES) == {"math_verify", "exact"}
 
 
-def test_k_zero_is_greedy_only(monkeypatch):
-    monkeypatch.setattr(evaluation, "generate", fake_generate)
-    rows = evaluate(None, None, PROBLEMS, k=0, max_new_tokens=4)
+def test_k_zero_is_greedy_only():
+    rows = evaluate(None, None, PROBLEMS, k=0, max_new_tokens=4, sample=partial(fake_generate, None, None))
     assert (rows[["mean_k", "pass_k", "exact_mean_k", "exact_pass_k"]] == 0.0).all().all()
     assert summarize(rows, k=0)["math"]["pass@1"] == 1.0
 

@@ -200,8 +200,17 @@ def _declared(params: dict, stage: dict) -> dict:
 
 # One cell of each per-run stage (the other run's cells run the same code) and every shared stage but validate,
 # which declares the whole file.
-STAGES = ("base", "prepare", "train@arca-r4-s0", "dump@arca-r4-s0", "diagnose", "evaluate_base", "evaluate@arca-r4-s0",
-          "tables", "figures")
+STAGES = (
+    "base",
+    "prepare",
+    "train@arca-r4-s0",
+    "dump@arca-r4-s0",
+    "diagnose",
+    "evaluate_base",
+    "evaluate@arca-r4-s0",
+    "tables",
+    "figures",
+)
 
 
 def test_each_stage_reads_only_its_declared_params(repo, tmp_path):

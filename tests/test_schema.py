@@ -17,6 +17,7 @@ from arca.grading import GRADERS
 from arca.models import PROFILES
 from arca.training import DTYPES, LOSS_TYPES, LR_SCHEDULERS
 from stages import schema
+from stages.common import ENGINES
 from stages.profile import compose, profile_names
 from stages.strict import ParamsError
 from stages.validate import VALID
@@ -38,6 +39,7 @@ def test_choices_equal_the_library():
     assert _choices(schema.Train, "grader") == tuple(GRADERS)
     assert _choices(schema.TrainData, "select") == SELECTIONS
     assert _choices(schema.Model, "profile") == PROFILES and _choices(schema.Model, "dtype") == DTYPES
+    assert _choices(schema.Dump, "engine") == _choices(schema.Evaluate, "engine") == ENGINES
 
 
 @pytest.mark.parametrize("name", profile_names())
