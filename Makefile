@@ -76,9 +76,11 @@ plan: $(STAMP)
 	$(BIN)/python -m stages.plan $(if $(PROFILE),--profile $(PROFILE)) \
 	    $(if $(wildcard $(GPU_CHECK_JSON)),--gpu-check $(GPU_CHECK_JSON)) $(PLAN_ARGS)
 
-# The paper profile's training step at full size on random Qwen3-1.7B weights (one GPU, <= 8 min, no download).
+# The paper profile's training step at full size on random Qwen3-1.7B weights (one GPU, <= 8 min, no download),
+# then the vLLM sampling check when vLLM is installed.
 gpu-check: $(STAMP)
 	$(BIN)/python -m bench.gpu_check --json $(GPU_CHECK_JSON)
+	$(BIN)/python -m bench.vllm_check  # HF generate vs vLLM for dump/evaluate; says "skipped" without vLLM
 
 # params.yaml is generated: edit conf/profile/embedded.yaml, then rewrite it with this.
 params: $(STAMP)

@@ -18,8 +18,8 @@ first step: must be 1.00 in bf16, SPEC 2b), the bf16 noise share `||a - a32|| / 
 and divergence saliences at the last step (the trainer's noise probe), and the generated tokens per second of a
 whole training step and of generation alone (the figures `stages.plan --gpu-check` plans with).
 
-Left out: vLLM, flash attention and several GPUs (the paper uses none); evaluation and dump throughput (the
-planner takes generation alone for them).
+Left out: vLLM (bench/vllm_check.py, which `make gpu-check` runs next), flash attention and several GPUs (the
+paper uses none); evaluation and dump throughput (the planner takes generation alone for them).
 """
 
 from __future__ import annotations

@@ -21,17 +21,19 @@ import pandas as pd
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from arca.evaluation import evaluate
 from arca.rollouts import generate
 from arca.vllm_rollouts import VLLMSampler, vllm_lora_rank
+from bench.vllm_check import main as vllm_check  # before vLLM is faked: TRL checks the vllm version on import
 from tests.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = [[{"role": "user", "content": "1+1"}], [{"role": "user", "content": "what is 22 + 3?"}]]
 
 
 class FakeLLM:
-    """`vllm.LLM`: `generate` decodes with the HF tiny model and the request's LoRA, or returns `recorded`."""
+    """`vllm.LLM`: `generate` decodes with the HF model in `model` and the request's LoRA, or returns `recorded`."""
 
     instances: ClassVar[list[FakeLLM]] = []
     recorded: ClassVar[
@@ -44,26 +46,36 @@ class FakeLLM:
 
     def generate(self, prompts, sampling_params, lora_request=None, use_tqdm=True):
         self.calls.append((prompts, sampling_params, lora_request))
-        model = tiny_model().eval()
+        model = AutoModelForCausalLM.from_pretrained(self.kwargs["model"]).eval()
         if lora_request is not None:
             model = PeftModel.from_pretrained(model, lora_request.lora_path).eval()
         outputs = []
         for prompt, params in zip(prompts, sampling_params, strict=True):
             ids = prompt["prompt_token_ids"]
             key = (getattr(lora_request, "lora_path", None), tuple(ids))
-            completions = FakeLLM.recorded.get(key) or [self._decode(model, ids, params) for _ in range(params.n)]
+            completions = FakeLLM.recorded.get(key) or self._decode(model, ids, params)
             outputs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=c) for c in completions]))
         return outputs
 
     @staticmethod
     @torch.no_grad()
-    def _decode(model, ids: list[int], params) -> list[int]:
-        assert params.temperature == 0.0, "the fake engine only decodes greedily; sampled requests are recorded"
+    def _decode(model, ids: list[int], params) -> list[list[int]]:
+        """`params.n` completions: greedy at temperature 0, else sampled from `params.seed`."""
+        torch.manual_seed(params.seed or 0)
+        greedy = params.temperature == 0.0
         out = model.generate(
-            torch.tensor([ids]), do_sample=False, max_new_tokens=params.max_tokens, eos_token_id=params.stop_token_ids
-        )[0, len(ids) :].tolist()
-        stop = next((i for i, t in enumerate(out) if t in params.stop_token_ids), len(out) - 1)
-        return out[: stop + 1]  # vLLM ends a completion at its first stop id, inclusive
+            torch.tensor([ids]),
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_k=None,
+            top_p=None,
+            num_return_sequences=params.n,
+            max_new_tokens=params.max_tokens,
+            eos_token_id=params.stop_token_ids,
+            pad_token_id=params.stop_token_ids[0],
+        )[:, len(ids) :].tolist()
+        ends = [next((i for i, t in enumerate(row) if t in params.stop_token_ids), len(row) - 1) for row in out]
+        return [row[: end + 1] for row, end in zip(out, ends)]  # vLLM ends a completion at its first stop id
 
 
 class FakeSamplingParams:
@@ -227,3 +239,17 @@ def test_engine_vllm_without_vllm_fails_naming_the_key(monkeypatch):
     with pytest.raises(ValueError, match=r"params.yaml: dump.engine must be one of hf, vllm, got 'sglang'"):
         check_engine({"dump": {"engine": "sglang"}}, "dump")
     assert check_engine({"dump": {}}, "dump") == "hf"
+
+
+def test_vllm_check_rehearses_both_engines(fake_vllm, capsys):
+    vllm_check(["--tiny", "--prompts", "3", "--tokens", "5"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("vllm_check: CPU, tiny Qwen3 bf16 random, r64, 3 prompts x 5 tokens | ")
+    assert "greedy identical completions 1.00, shared prefix 1.00" in last  # one model, one float path: equal
+    assert last.count("tokens/s: HF ") == 2
+
+
+def test_vllm_check_says_it_skipped_without_vllm(monkeypatch, capsys):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    vllm_check(["--tiny"])
+    assert capsys.readouterr().out.strip() == "vllm_check: skipped, vllm is not installed (pip install '.[vllm]')"
