@@ -14,7 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transformers import TrainerCallback
+from peft import set_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from arca.io import atomic_path, read_json, write_json, write_text
@@ -160,6 +164,25 @@ class RunRecorder(TrainerCallback):
             }
             write_json(checkpoint / RUN_STATE, run_state)
             write_log(checkpoint / "log.tsv", self.rows)
+
+
+def restore_finished(trainer: CreditGRPOTrainer, recorder: RunRecorder, checkpoint: str) -> bool:
+    """Bring back a run whose last checkpoint is its final step, without `trainer.train`; False if it is not final.
+
+    HF's Trainer checks `max_steps` only after a step, so resuming from the final checkpoint of a run that ends
+    mid-epoch trains one step too many. Restoring loads the checkpoint's adapter and state and lets the recorder
+    put the snapshots back, exactly as a resumed run that had nothing left to do.
+    """
+    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+    if state.global_step < recorder.max_steps:
+        return False
+    set_peft_model_state_dict(trainer.model, load_file(Path(checkpoint) / SAFETENSORS_WEIGHTS_NAME))
+    state.is_world_process_zero = trainer.is_world_process_zero()
+    trainer.state = state
+    recorder.on_train_begin(trainer.args, state, trainer.control, model=trainer.model)
+    if state.is_world_process_zero:  # no step will log: the checkpoint's log is the run's
+        write_log(recorder.output_dir / "log.tsv", recorder.rows)
+    return True
 
 
 def _as_float(value: Any) -> float:

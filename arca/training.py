@@ -45,7 +45,7 @@ from arca.grading import reward_function
 from arca.io import write_json
 from arca.models import resolve_dtype
 from arca.rollouts import prompt_token_ids
-from arca.run_files import RunRecorder, json_safe, resume_point, save_adapter
+from arca.run_files import RunRecorder, json_safe, restore_finished, resume_point, save_adapter
 from arca.train_settings import ALL_LINEAR, DTYPES, LOSS_TYPES, LR_SCHEDULERS, SettingError, TrainSettings
 from arca.trainer import CreditGRPOTrainer
 
@@ -260,9 +260,12 @@ def run_training(
         step0 = out / "adapters" / "step-000000"
         if trainer.is_world_process_zero() and not step0.exists():
             recorder.snapshot(trainer.model, 0)  # TRL's initial adapter (B = 0): checkpoints load inside train()
-        if last:
-            logger.info("resuming %s from %s", out, last)
-        trainer.train(resume_from_checkpoint=last)
+        if last and restore_finished(trainer, recorder, last):
+            logger.info("%s: finished at %s; restored, nothing to train", out, last)
+        else:
+            if last:
+                logger.info("resuming %s from %s", out, last)
+            trainer.train(resume_from_checkpoint=last)
     if not trainer.is_world_process_zero():
         return {}
     return _finish(trainer, recorder, settings, credit, too_long, settings_md5(fingerprint))

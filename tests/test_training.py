@@ -147,6 +147,27 @@ def test_outputs_determinism_and_resume(tmp_path, train_path):
         assert (resumed.output_dir / name / ADAPTER).read_bytes() == (out / name / ADAPTER).read_bytes(), name
 
 
+def test_rerun_of_a_run_finished_mid_epoch_trains_no_step_more(tmp_path, train_path):
+    """HF's Trainer checks max_steps only after a step, so resuming a final checkpoint that ends mid-epoch would
+    train step max_steps + 1 (the embedded pipeline once recorded 7 of 6 steps): a finished run is restored."""
+    first = settings(tmp_path, train_path, "mid", max_steps=3, save_steps=2)  # an epoch is 2 steps
+    run(first)
+    adapter = (first.output_dir / "adapter" / ADAPTER).read_bytes()
+    budget = json.loads((first.output_dir / "budget.json").read_text())
+    for name in ("adapters", "adapter"):  # DVC wipes the outputs before it reruns the stage
+        shutil.rmtree(first.output_dir / name)
+    (first.output_dir / "log.tsv").unlink()
+    assert run(first)["steps"] == 3
+    assert [r["step"] for r in read_log(first.output_dir / "log.tsv")] == [1, 2, 3]
+    assert json.loads((first.output_dir / "budget.json").read_text()) == budget
+    assert (first.output_dir / "adapter" / ADAPTER).read_bytes() == adapter
+    assert sorted(p.name for p in (first.output_dir / "adapters").iterdir()) == [
+        "step-000000",
+        "step-000002",
+        "step-000003",
+    ]
+
+
 def test_code_change_starts_over(tmp_path, train_path, monkeypatch):
     """A changed training module means DVC reruns the stage; the old checkpoint must not be resumed."""
     import arca.training as training
