@@ -122,7 +122,7 @@ class Stepper:
         self._time("_generate", "generate")
         # The credit code: weights and diagnostics, plus the extra passes (matched adapter-off pass, the
         # dropout-free pass, `reuse`'s pass at beta = 0). arca_local's LoRA hooks run inside the loss forward.
-        for method_name in ("_apply_credit", "_salience_pass", "_reference_pass", "_log_fixed_credit"):
+        for method_name in ("_apply_credit", "_salience_pass", "_reference_pass", "_log_uniform_credit"):
             self._time(method_name, "credit")
 
     def _time(self, method_name: str, part: str) -> None:
