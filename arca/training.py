@@ -129,6 +129,9 @@ def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int |
         save_total_limit=2,  # the last one, plus the one before in case the last was cut mid-write
         logging_steps=settings.logging_steps,
         report_to="none",
+        # Without it, Accelerate never takes the multi-CPU (gloo) path: each process of `accelerate launch` on a
+        # machine without CUDA trained alone, as process 0, on its share of the batch.
+        use_cpu=not cuda,
         bf16=cuda and dtype == torch.bfloat16,  # mixed precision only on GPU; CPU runs stay float32
         fp16=cuda and dtype == torch.float16,
         use_vllm=settings.use_vllm,

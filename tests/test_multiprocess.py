@@ -19,16 +19,17 @@ from tests.tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Each rank hashes its own LoRA weights after training, then runs the real stage CLI's code path.
+# Each rank records its LoRA weights' hash and the process group it trained in, around the real stage CLI's code path.
 DRIVER = """
-import hashlib, os
+import hashlib, json, os
 import arca.training as training
 original = training.CreditGRPOTrainer.train
 def train(self, *args, **kwargs):
     out = original(self, *args, **kwargs)
     lora = {n: p.detach().cpu() for n, p in self.model.named_parameters() if "lora_" in n}
     digest = hashlib.md5(b"".join(lora[n].numpy().tobytes() for n in sorted(lora))).hexdigest()
-    open(f"rank{os.environ['RANK']}.md5", "w").write(digest)
+    seen = {"md5": digest, "process_index": self.args.process_index, "processes": self.accelerator.num_processes}
+    open(f"rank{os.environ['RANK']}.json", "w").write(json.dumps(seen))
     return out
 training.CreditGRPOTrainer.train = train
 from stages.train import main
@@ -67,8 +68,10 @@ def test_two_gloo_processes_train_one_step_and_agree(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    hashes = [(tmp_path / f"rank{r}.md5").read_text() for r in (0, 1)]
-    assert hashes[0] == hashes[1]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # One DDP run over gloo, not two single-process runs that happen to agree (Accelerate needs `use_cpu` for that)
+    assert [(r["process_index"], r["processes"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert ranks[0]["md5"] == ranks[1]["md5"]
     budget = json.loads((tmp_path / "data/runs/arca-r4-s0/budget.json").read_text())
     assert budget["steps"] == 1 and budget["rollouts"] == 8  # 2 prompts x 4 completions, split over 2 ranks
 
