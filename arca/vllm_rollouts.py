@@ -12,6 +12,7 @@ Untested here: real vLLM needs a GPU; the tests fake the engine at `LLM.generate
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,15 @@ class VLLMSampler:
         self.max_model_len, self.gpu_memory_utilization = max_model_len, gpu_memory_utilization
         self._llm: Any = None
         self._lora_ids: dict[str, int] = {}
+
+    @cached_property
+    def generation_config(self) -> GenerationConfig:
+        """The base model's generation config (its EOS ids) as `from_pretrained` gives the HF model: its
+        generation_config.json, else the one derived from config.json. Read once per engine."""
+        try:
+            return GenerationConfig.from_pretrained(self.model_dir)
+        except OSError:
+            return GenerationConfig.from_model_config(AutoConfig.from_pretrained(self.model_dir))
 
     @property
     def llm(self) -> Any:
@@ -107,7 +117,7 @@ class VLLMSampler:
         from vllm import SamplingParams
 
         del batch_size
-        eos_ids = eos_token_ids(_generation_config(self.model_dir), tokenizer)
+        eos_ids = eos_token_ids(self.generation_config, tokenizer)
         ids = prompt_token_ids(tokenizer, prompts, chat_template_kwargs)
         n = 1 if greedy else samples
         # One seed per prompt, from `seed` and its position: completions do not depend on vLLM's batching.
@@ -139,12 +149,3 @@ class VLLMSampler:
                 chunks.append((prompt_ids, torch.ones_like(prompt_ids), completion_ids))
                 flat.append((i, s))
         return assemble(chunks, flat, tokenizer, eos_ids)
-
-
-def _generation_config(model_dir: Path) -> GenerationConfig:
-    """The base model's generation config (its EOS ids) as `from_pretrained` gives the HF model: its
-    generation_config.json, else the one derived from config.json."""
-    try:
-        return GenerationConfig.from_pretrained(model_dir)
-    except OSError:
-        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir))

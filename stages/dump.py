@@ -14,7 +14,6 @@ as a vLLM LoRA); the signals come from the HF model on those tokens either way (
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
 
 import click
@@ -25,7 +24,7 @@ from arca.dump import a32_signals, dump_schema, float32_saliences, signal_weight
 from arca.grading import math_reward
 from arca.io import read_json, write_parquet
 from arca.models import resolve_dtype
-from arca.rollouts import Rollouts, generate
+from arca.rollouts import generate
 from arca.signals import SIGNAL_NAMES
 from stages.common import check_engine, load_params, section
 from stages.credit_params import credit_config
@@ -45,41 +44,33 @@ def dump_run(run: str, meta: dict, params: dict, checked: list[str], engine: str
     base, tokenizer = load_base_model(dtype)
     batch_size, temperature = dump.get("batch_size", 16), train.get("temperature", 1.0)
     sampler = vllm_sampler(dtype, meta["rank"], dump.get("seed", 0)) if engine == "vllm" else None
+    prompts, answers, prompt_ids = list(probe["prompt"]), list(probe["answer"]), list(probe["prompt_id"])
+    sampling = {
+        "samples": dump["samples"],
+        "greedy": False,
+        "max_new_tokens": train["max_completion_length"],
+        "temperature": temperature,
+        "seed": dump.get("seed", 0),
+        "batch_size": batch_size,
+        "chat_template_kwargs": model_params.get("chat_template_kwargs"),
+    }
     tables = []
     for step, adapter_dir in snapshots(Path("data/runs") / run).items():
         model = with_adapter(base, adapter_dir)
-        sample = generate if sampler is None else partial(_vllm_generate, sampler, adapter_dir=adapter_dir)
-        rollouts = sample(
-            model,
-            tokenizer,
-            list(probe["prompt"]),
-            samples=dump["samples"],
-            greedy=False,
-            max_new_tokens=train["max_completion_length"],
-            temperature=temperature,
-            seed=dump.get("seed", 0),
-            batch_size=batch_size,
-            chat_template_kwargs=model_params.get("chat_template_kwargs"),
-        )
-        answers = list(probe["answer"])
+        if sampler is None:
+            rollouts = generate(model, tokenizer, prompts, **sampling)
+        else:
+            rollouts = sampler.generate(tokenizer, prompts, adapter_dir=adapter_dir, **sampling)
         rewards = torch.tensor(
             [math_reward(t, answers[i]) for i, t in zip(rollouts.prompt_index.tolist(), rollouts.texts)]
         )
         weights = signal_weights(model, rollouts, credit, SIGNAL_NAMES, batch_size, temperature)
         # The float32 truth of the same tokens: no new rollouts, the checkpoint's weights upcast in place.
         a32 = float32_saliences(model, rollouts, checked, credit.layer, batch_size, temperature)
-        tables.append(
-            token_table(rollouts, tokenizer, list(probe["prompt_id"]), rewards, weights, {**meta, "step": step}, a32)
-        )
+        tables.append(token_table(rollouts, tokenizer, prompt_ids, rewards, weights, {**meta, "step": step}, a32))
         log.info("%s step %d: reward %.2f, %d tokens", run, step, rewards.mean(), len(tables[-1]))
         base = model.unload()
     return pd.concat(tables, ignore_index=True)
-
-
-def _vllm_generate(sampler, model, tokenizer, prompts, *, adapter_dir: Path, **kwargs) -> Rollouts:
-    """`generate`'s call shape on a `VLLMSampler` (the HF model is not used for sampling)."""
-    del model
-    return sampler.generate(tokenizer, prompts, adapter_dir=adapter_dir, **kwargs)
 
 
 @click.command()

@@ -49,9 +49,9 @@ def params_hash(*sections: dict) -> str:
     return hashlib.md5(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def vllm_sampler(dtype: str, max_rank: int, seed: int, max_model_len: int | None = None):
+def vllm_sampler(dtype: str, max_rank: int, seed: int):
     """A `VLLMSampler` over the base model, in the dtype the HF path would load (`auto`: bf16 on CUDA)."""
     from arca.vllm_rollouts import VLLMSampler
 
     name = str(resolve_dtype(dtype)).removeprefix("torch.")
-    return VLLMSampler(BASE_DIR, dtype=name, max_rank=max_rank, seed=seed, max_model_len=max_model_len)
+    return VLLMSampler(BASE_DIR, dtype=name, max_rank=max_rank, seed=seed)
