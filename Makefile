@@ -76,10 +76,13 @@ plan: $(STAMP)
 	$(BIN)/python -m stages.plan $(if $(PROFILE),--profile $(PROFILE)) \
 	    $(if $(wildcard $(GPU_CHECK_JSON)),--gpu-check $(GPU_CHECK_JSON)) $(PLAN_ARGS)
 
-# The paper profile's training step at full size on random Qwen3-1.7B weights (one GPU, <= 8 min, no download),
-# then the vLLM sampling check when vLLM is installed.
+# The paper profile's training step at full size on random Qwen3-1.7B weights (one GPU, no download): the first
+# run's check, uniform and arca for 2 steps plus evaluation's decoding (< 5 min); GPU_CHECK_ARGS=--full for every
+# method, 3 steps (~8 min). Then the vLLM sampling check when vLLM is installed. Needs the venv `make setup` makes,
+# with the torch build for the machine's driver (README, GPU section).
+GPU_CHECK_ARGS ?=
 gpu-check: $(STAMP)
-	$(BIN)/python -m bench.gpu_check --json $(GPU_CHECK_JSON)
+	$(BIN)/python -m bench.gpu_check --json $(GPU_CHECK_JSON) $(GPU_CHECK_ARGS)
 	$(BIN)/python -m bench.vllm_check  # HF generate vs vLLM for dump/evaluate; says "skipped" without vLLM
 
 # params.yaml is generated: edit conf/profile/embedded.yaml, then rewrite it with this.

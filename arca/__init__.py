@@ -27,6 +27,8 @@ _EXPORTS = {
     "gini": "arca.diagnostics",
     "effective_token_ratio": "arca.diagnostics",
     "accuracy_reward": "arca.grading",
+    "faithfulness_scores": "arca.analysis.faithfulness",
+    "scaled_adapter": "arca.sampling.scaling",
 }
 __all__ = [
     "METHODS",
@@ -36,16 +38,20 @@ __all__ = [
     "accuracy_reward",
     "compute_signals",
     "effective_token_ratio",
+    "faithfulness_scores",
     "gini",
     "normalize",
+    "scaled_adapter",
 ]
 
 if TYPE_CHECKING:
+    from arca.analysis.faithfulness import faithfulness_scores
     from arca.config import CreditGRPOConfig
     from arca.credit import normalize
     from arca.credit_config import METHODS, CreditConfig
     from arca.diagnostics import effective_token_ratio, gini
     from arca.grading import accuracy_reward
+    from arca.sampling.scaling import scaled_adapter
     from arca.signals import compute_signals
     from arca.trainer import CreditGRPOTrainer
 

@@ -50,6 +50,8 @@ def trajectory_table(
     formatting_tokens: Sequence[str],
     *,
     eps: float = 1e-8,
+    sharpening: float = 1.0,
+    fallback: str = "raw_mean",
     top_frac: float = 0.05,
     etr_uniform: float = 0.95,
     etr_concentrated: float = 0.25,
@@ -57,14 +59,15 @@ def trajectory_table(
     """One row per trajectory x signal x over ("weight": normalized w, "raw": salience a).
 
     Columns: TRAJ_KEYS, phase, signal, over, T, gini, etr, top_k_mass, agnostic_share, regime, fallback
-    (the trajectory's raw salience was degenerate, so its weights fell back to uniform).
+    (the trajectory's raw salience was degenerate, so its weights fell back to uniform: `arca.credit.
+    degenerate_rows` under the dumps' `eps`, `sharpening` and `fallback` rule).
     """
     dumps = dumps.sort_values([*TRAJ_KEYS, "pos"], kind="stable").reset_index(drop=True)
     traj_id, keys = _trajectories(dumps)
     agnostic = agnostic_tokens(dumps["token"].tolist(), formatting_tokens)
     parts = []
     for signal in signals:
-        fallback = _fallback(traj_id, dumps[f"a_{signal}"].to_numpy(), len(keys), eps)
+        flags = _fallback(traj_id, dumps[f"a_{signal}"].to_numpy(), len(keys), eps, sharpening, fallback)
         for over, column in (("weight", f"w_{signal}"), ("raw", f"a_{signal}")):
             values = np.nan_to_num(dumps[column].to_numpy(np.float64), nan=0.0, posinf=0.0)
             diag = trajectory_diagnostics(
@@ -75,7 +78,7 @@ def trajectory_table(
                 etr_uniform=etr_uniform,
                 etr_concentrated=etr_concentrated,
             ).drop(columns="traj")
-            parts.append(pd.concat([keys, diag], axis=1).assign(signal=signal, over=over, fallback=fallback))
+            parts.append(pd.concat([keys, diag], axis=1).assign(signal=signal, over=over, fallback=flags))
     cols = [
         *TRAJ_KEYS,
         "phase",
@@ -112,10 +115,12 @@ def _padded(traj_id: np.ndarray, values: np.ndarray, n_traj: int) -> tuple[np.nd
     return padded, mask, pos
 
 
-def _fallback(traj_id: np.ndarray, raw: np.ndarray, n_traj: int, eps: float) -> np.ndarray:
+def _fallback(
+    traj_id: np.ndarray, raw: np.ndarray, n_traj: int, eps: float, sharpening: float, rule: str
+) -> np.ndarray:
     """Degenerate-row flags via the same rule `credit.normalize` applies, on a padded (n_traj, T_max) view."""
     padded, mask, _ = _padded(traj_id, raw, n_traj)
-    return degenerate_rows(padded, mask, eps).numpy()
+    return degenerate_rows(padded, mask, eps, fallback=rule, sharpening=sharpening).numpy()
 
 
 def signal_agreement(dumps: pd.DataFrame, signals: Sequence[str]) -> pd.DataFrame:
@@ -252,10 +257,9 @@ def _normalized_pair(
         if name not in credit:
             raise KeyError(f"credit: no CreditConfig for method {name!r} (have {sorted(credit)})")
         c, sel = credit[name], method == name
-        fallback[sel] = degenerate_rows(raw[sel], mask[sel], c.eps).numpy()
-        w, fb = normalize(
-            raw32[sel], mask[sel], c.scheme, c.tau, c.eps, mix=c.mix, w_max=c.w_max, sharpening=c.sharpening
-        )
+        flags = degenerate_rows(raw[sel], mask[sel], c.eps, fallback=c.fallback, sharpening=c.sharpening)
+        fallback[sel] = flags.numpy()
+        w, fb = normalize(raw32[sel], mask[sel], **c.normalization())
         w32[sel], fallback32[sel] = w.numpy(), fb.numpy()
     return w32[traj_id, pos].astype(np.float64), fallback, fallback32
 

@@ -11,7 +11,7 @@ from typing import Any
 from trl import GRPOConfig
 from trl.trainer.utils import get_config_model_id
 
-from arca.credit import SCHEMES
+from arca.credit import FALLBACKS, SCHEMES
 from arca.credit_config import METHODS, REFERENCE_MODES, CreditConfig, CreditConfigError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,13 @@ class CreditGRPOConfig(GRPOConfig):
         credit_salience_dropout (`bool`, *optional*, defaults to `False`):
             Keep LoRA dropout in the pass that feeds the salience, as the ARCA paper's code does (for
             reproducing it only; otherwise a dropout-free pass feeds it).
+        credit_fallback (`str`, *optional*, defaults to `"raw_mean"`):
+            Which completions fall back to uniform weights: `raw_mean` (`sum(a) <= eps * T` on the raw saliences,
+            SPEC 3) or `sharpened_sum` (`sum (a + eps)^p <= eps` on the sharpened scores, the ARCA paper's code).
+        credit_permute (`bool`, *optional*, defaults to `False`):
+            The permutation control: after normalization, permute each completion's weights uniformly at random
+            over its valid tokens (seeded by `seed`, the optimizer step and the completion's tokens; see
+            `arca.credit.permutation_seeds`). Keeps the signal's concentration, loses its positions.
     """
 
     credit_method: str = field(
@@ -88,6 +95,13 @@ class CreditGRPOConfig(GRPOConfig):
     credit_salience_dropout: bool = field(
         default=False, metadata={"help": "Keep LoRA dropout in the salience pass (the ARCA paper's code does)."}
     )
+    credit_fallback: str = field(
+        default="raw_mean",
+        metadata={"help": "Fallback test: raw saliences (raw_mean) or sharpened scores.", "choices": list(FALLBACKS)},
+    )
+    credit_permute: bool = field(
+        default=False, metadata={"help": "Permute each completion's weights over its tokens (the control)."}
+    )
 
     def __post_init__(self) -> None:
         if self.credit_method == "top_entropy" and self.top_entropy_quantile == 1.0:
@@ -119,6 +133,8 @@ class CreditGRPOConfig(GRPOConfig):
                 sharpening=self.credit_sharpening,
                 reference=self.credit_reference,
                 salience_dropout=self.credit_salience_dropout,
+                fallback=self.credit_fallback,
+                permute=self.credit_permute,
             )
         except CreditConfigError as err:
             raise err.renamed(ARGUMENTS[err.field]) from None

@@ -1,4 +1,5 @@
-"""Turn raw per-token saliences into credit weights that sum to the trajectory length (SPEC section 3).
+"""Turn raw per-token saliences into credit weights that sum to the trajectory length (SPEC section 3), and
+permute them within each trajectory for the permutation control (SPEC 3 `permute`).
 
 Every function works row-wise on padded batches `(B, T)` with a validity mask and returns float32 tensors;
 numpy inputs are accepted and converted. Arithmetic runs in float64 so row sums stay at `T` to float32
@@ -7,6 +8,7 @@ precision whatever the scheme.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 
@@ -17,11 +19,14 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 SCHEMES = ("mean", "softmax", "rank")
+# Which scores the degenerate-row test reads (SPEC 3): `raw_mean` the raw saliences, `sum(a) <= eps * T`;
+# `sharpened_sum` the sharpened scores the scheme sees, `sum_t (a_t + eps)^p <= eps` (the ARCA paper's code).
+FALLBACKS = ("raw_mean", "sharpened_sum")
 
 
 def _as_tensor(x: Tensor | np.ndarray, name: str) -> Tensor:
     """Accept a torch tensor or a numpy array (or nested list); reject anything that is not 2-D."""
-    t = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+    t = x if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))  # CPU, whatever the default device
     if t.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D (B, T) array, got shape {tuple(t.shape)}")
     return t
@@ -45,24 +50,51 @@ def _prepare_weights(weights, mask) -> tuple[Tensor, Tensor]:
     return w, m
 
 
-def degenerate_rows(saliences: Tensor | np.ndarray, mask: Tensor | np.ndarray, eps: float = 1e-8) -> Tensor:
-    """Rows that must fall back to uniform weights: `sum(a) <= eps * T` or a non-finite `a` on a valid token.
+def degenerate_rows(
+    saliences: Tensor | np.ndarray,
+    mask: Tensor | np.ndarray,
+    eps: float = 1e-8,
+    *,
+    fallback: str = "raw_mean",
+    sharpening: float = 1.0,
+) -> Tensor:
+    """Rows that must fall back to uniform weights: a non-finite `a` on a valid token, or too little mass.
 
-    Rows with no valid token (`T = 0`) are not degenerate: they simply get no weight at all.
+    `fallback="raw_mean"` (SPEC 3): `sum(a) <= eps * T` on the raw saliences, so an exactly-zero signal falls
+    back whatever `p` is. `fallback="sharpened_sum"` (the ARCA paper's code): `sum_t s_t <= eps` on the scores
+    the scheme normalizes, `s_t = (a_t + eps)^p` when `p != 1` (`a_t` itself when `p = 1`). The two differ for
+    rows of tiny saliences: with `p = 2` a row whose raw mass lies between `eps * T` and about `sqrt(eps)`
+    falls back under `sharpened_sum` only. Rows with no valid token (`T = 0`) are not degenerate: they simply
+    get no weight at all.
 
     Args:
         saliences: `(B, T)` raw saliences; values on padding are ignored.
         mask: `(B, T)` validity mask (bool or 0/1).
-        eps: per-token threshold on the salience mass.
+        eps: the threshold (per token for `raw_mean`, per row for `sharpened_sum`), and sharpening's offset.
+        fallback: one of `FALLBACKS`.
+        sharpening: exponent `p` of the scores `sharpened_sum` tests; ignored by `raw_mean`.
 
     Returns:
         `(B,)` bool tensor.
     """
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback: unknown rule {fallback!r}, pick one of {FALLBACKS}")
     a, m = _prepare(saliences, mask)
     n_valid = m.sum(dim=1)  # (B,)
     nonfinite = (~torch.isfinite(a) & m).any(dim=1)  # (B,)
-    tiny = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).sum(dim=1) <= eps * n_valid  # (B,)
+    finite = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)  # (B, T)
+    if fallback == "raw_mean":
+        tiny = finite.sum(dim=1) <= eps * n_valid  # (B,)
+    else:
+        tiny = _sharpen(finite, m, eps, sharpening).sum(dim=1) <= eps  # (B,)
     return (nonfinite | tiny) & (n_valid > 0)
+
+
+def _sharpen(a: Tensor, m: Tensor, eps: float, sharpening: float) -> Tensor:
+    """`(a + eps)^p` on valid tokens, 0 on padding; `a` unchanged when `p = 1` (sharpening off)."""
+    if sharpening == 1.0:
+        return a
+    return torch.where(m, (a + eps) ** sharpening, 0.0)  # (B, T)
 
 
 def _rank_weights(a: Tensor, m: Tensor) -> Tensor:
@@ -99,7 +131,11 @@ def _scheme_weights(a: Tensor, m: Tensor, scheme: str, tau: float) -> Tensor:
     return torch.where(m, w, 0.0)
 
 
-def _check_options(scheme: str, tau: float, eps: float, mix: float, w_max: float | None, sharpening: float) -> None:
+def _check_options(
+    scheme: str, tau: float, eps: float, mix: float, w_max: float | None, sharpening: float, fallback: str
+) -> None:
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback: unknown rule {fallback!r}, pick one of {FALLBACKS}")
     if not (math.isfinite(sharpening) and sharpening > 0):
         raise ValueError(f"sharpening: exponent p must be finite and > 0, got {sharpening}")
     if scheme not in SCHEMES:
@@ -124,15 +160,16 @@ def normalize(
     mix: float = 1.0,
     w_max: float | None = None,
     sharpening: float = 1.0,
+    fallback: str = "raw_mean",
 ) -> tuple[Tensor, Tensor]:
     """Saliences -> credit weights with mean 1 per trajectory (SPEC section 3).
 
-    Order: degenerate rows are found on the raw saliences (see `degenerate_rows`), then sharpening
-    `a <- (a + eps)^p` (p != 1), then the scheme, then degenerate rows fall back to uniform, then mixing
-    with uniform, then the optional clip. Rows with no valid token get all-zero weights and no fallback flag.
-    The fallback test reads the raw saliences so that an exactly-zero signal (ARCA at LoRA B = 0) falls back
-    whatever `p` is; the paper's code tests the sharpened sum instead, which differs only for rows whose raw
-    mass is between `eps * T` and about `sqrt(eps)` (see README, paper deviations).
+    Order: degenerate rows are found (see `degenerate_rows`), sharpening `a <- (a + eps)^p` (p != 1), the
+    scheme, degenerate rows fall back to uniform, mixing with uniform, the optional clip. Rows with no valid
+    token get all-zero weights and no fallback flag. `fallback="raw_mean"` (default, SPEC 3) tests the raw
+    saliences, so an exactly-zero signal (ARCA at LoRA B = 0) falls back whatever `p` is; `sharpened_sum`
+    tests the sharpened scores as the ARCA paper's code does, and also drops rows of tiny but non-zero
+    saliences (raw mass between `eps * T` and about `sqrt(eps)` at `p = 2`) to uniform.
 
     Args:
         saliences: `(B, T)` raw saliences, `>= 0` on valid tokens; NaN/inf make the row fall back.
@@ -144,26 +181,26 @@ def normalize(
         mix: lambda of `w <- (1 - lambda) + lambda * w`, in `[0, 1]`; 0 is vanilla GRPO.
         w_max: optional cap `>= 1`, applied last by `clip_weights`.
         sharpening: exponent `p > 0` (SPEC 3); 1 is off, the ARCA paper's code uses 2.
+        fallback: the degenerate-row rule, one of `FALLBACKS` (see `degenerate_rows`).
 
     Returns:
         `(weights, fallback)`: `(B, T)` float32 weights summing to `T` per row, and `(B,)` bool flags.
     """
-    _check_options(scheme, tau, eps, mix, w_max, sharpening)
+    _check_options(scheme, tau, eps, mix, w_max, sharpening, fallback)
     a, m = _prepare(saliences, mask)
     if bool(((a < 0) & torch.isfinite(a)).any()):
         raise ValueError("saliences: must be >= 0 on valid tokens (clamp signals such as KL at 0 first)")
-    fallback = degenerate_rows(a, m, eps)  # (B,)
-    if sharpening != 1.0:
-        a = torch.where(m, (a + eps) ** sharpening, 0.0)  # (B, T)
+    degenerate = degenerate_rows(a, m, eps, fallback=fallback, sharpening=sharpening)  # (B,)
+    a = _sharpen(a, m, eps, sharpening)  # (B, T)
     w = _scheme_weights(a, m, scheme, tau)  # (B, T)
-    w = torch.where(fallback[:, None], m.to(torch.float64), w)  # (B, T)
-    if fallback.any():
-        logger.debug("normalize: %d of %d rows fell back to uniform", int(fallback.sum()), len(fallback))
+    w = torch.where(degenerate[:, None], m.to(torch.float64), w)  # (B, T)
+    if degenerate.any():
+        logger.debug("normalize: %d of %d rows fell back to uniform", int(degenerate.sum()), len(degenerate))
     if mix != 1.0:
         w = _mix(w, m, mix)
     if w_max is not None:
         w = _clip(w, m, w_max)
-    return w.to(torch.float32), fallback
+    return w.to(torch.float32), degenerate
 
 
 def mix_uniform(weights: Tensor | np.ndarray, mask: Tensor | np.ndarray, lam: float) -> Tensor:
@@ -234,3 +271,66 @@ def _clip(w: Tensor, m: Tensor, w_max: float) -> Tensor:
     out_sorted = torch.where(k < k_star, torch.full_like(s, w_max), unclipped).clamp(max=w_max)  # (B, L)
     out = torch.empty_like(out_sorted).scatter_(1, order, out_sorted)  # (B, L) back in token order
     return torch.where(m, out, 0.0)
+
+
+def permutation_seeds(seed: int, step: int, ids: Tensor | np.ndarray, mask: Tensor | np.ndarray) -> Tensor:
+    """One generator seed per row for `permute_weights` (SPEC 3 `permute`), from the run seed, the optimizer
+    step and the row's content, so a row's permutation is the same on every process, after any shuffle of the
+    batch and on a resumed run, and independent of the global torch RNG (sampling is left untouched).
+
+    The seed of row `b` is the first 8 bytes of `blake2b` over the little-endian int64 array
+    `[seed, step, *ids[b][mask[b]]]` (the row's valid token ids in order), shifted right by one bit (a
+    non-negative int64). Two identical rows (the same completion of the same prompt) share a permutation.
+
+    Args:
+        seed: the run seed. step: the optimizer step (`TrainerState.global_step` when the loss runs: 0 for
+            the first update).
+        ids: `(B, L)` token ids of each row (the trainer passes prompt and completion ids side by side).
+        mask: `(B, L)` which ids belong to the row (prompt and completion masks).
+
+    Returns:
+        `(B,)` int64 seeds.
+    """
+    ids, valid = _as_tensor(ids, "ids").long().cpu(), _as_tensor(mask, "mask").cpu() != 0
+    if ids.shape != valid.shape:
+        raise ValueError(f"mask: shape {tuple(valid.shape)} does not match ids {tuple(ids.shape)}")
+    head = np.array([seed, step], dtype="<i8").tobytes()
+    seeds = []
+    for row, keep in zip(ids.numpy(), valid.numpy()):  # a hash per row, never per token
+        digest = hashlib.blake2b(head + row[keep].astype("<i8").tobytes(), digest_size=8).digest()
+        seeds.append(int.from_bytes(digest, "little") >> 1)
+    return torch.tensor(seeds, dtype=torch.int64)
+
+
+def permute_weights(weights: Tensor | np.ndarray, mask: Tensor | np.ndarray, seeds: Tensor | np.ndarray) -> Tensor:
+    """Permute each row's weights uniformly at random over its valid tokens (SPEC 3 `permute`): the row keeps
+    its multiset of weights (so its concentration) and loses which token held which weight.
+
+    Row `b` draws `T_b` float64 keys from `torch.Generator().manual_seed(seeds[b])` (CPU), one per valid token in
+    order; the valid positions sorted by key (argsort, stable) receive the weights of the valid positions in
+    order. float64 keys make ties (which would favour the identity order) negligible, and the draw depends only
+    on the seed and `T_b`, not on the padding. Padding stays 0.
+
+    Args:
+        weights: `(B, T)` normalized weights, finite and `>= 0` on valid tokens.
+        mask: `(B, T)` validity mask.
+        seeds: `(B,)` integer seeds in `[0, 2^63)` (see `permutation_seeds`).
+
+    Returns:
+        `(B, T)` float32 permuted weights (the same values exactly: float32 -> float64 -> float32 is lossless).
+    """
+    w, m = _prepare_weights(weights, mask)
+    seeds = torch.as_tensor(seeds).reshape(-1)
+    if len(seeds) != w.shape[0]:
+        raise ValueError(f"seeds: expected one per row ({w.shape[0]}), got {len(seeds)}")
+    counts = m.sum(dim=1).tolist()
+    draws = [
+        torch.rand(int(n), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+        for s, n in zip(seeds.tolist(), counts)
+    ]
+    keys = torch.full(w.shape, torch.inf, dtype=torch.float64)  # (B, T); padding sorts last
+    keys[m.cpu()] = torch.cat(draws) if draws else torch.empty(0, dtype=torch.float64)  # row-major = row by row
+    shuffled = torch.argsort(keys.to(w.device), dim=1, stable=True)  # (B, T) valid positions in random order
+    slots = torch.argsort((~m).to(torch.int8), dim=1, stable=True)  # (B, T) valid positions in order
+    out = torch.zeros_like(w).scatter_(1, slots, w.gather(1, shuffled))  # padding receives padding's 0
+    return out.to(torch.float32)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from arca.credit import SCHEMES
+from arca.credit import FALLBACKS, SCHEMES
 
 # Credit methods a run can train with: the SPEC section 2 signals plus TRL's high-entropy token mask.
 METHODS: tuple[str, ...] = (
@@ -30,7 +30,7 @@ METHODS: tuple[str, ...] = (
 # change to one retrains only the methods that read it): `uniform` is plain GRPO; every salience is normalized
 # (SPEC 3) and may come from a dropout-free pass; reference-comparing signals choose their adapter-off pass;
 # only `arca` reads a hidden-state layer, only `top_entropy` its quantile.
-NORMALIZATION: tuple[str, ...] = ("scheme", "tau", "mix", "w_max", "eps", "sharpening", "salience_dropout")
+NORMALIZATION: tuple[str, ...] = ("scheme", "tau", "mix", "w_max", "eps", "sharpening", "fallback", "salience_dropout")
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "uniform": (),
     "surprisal": NORMALIZATION,
@@ -47,6 +47,24 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
 # `matched` runs them on exactly the loss micro-batch (identical shapes, no dropout): exact, the default;
 # `reuse` takes TRL's generation-time reference pass as it is (other batch composition): cheaper, not exact.
 REFERENCE_MODES: tuple[str, ...] = ("matched", "reuse")
+# A run with the permutation control (SPEC 3 `permute`) is its own method in run ids, dumps, tables and
+# figures: `<method>_perm` (`arca_perm-r8-s0`). Anything that looks a method up in `METHOD_FIELDS` strips it.
+PERMUTED_SUFFIX = "_perm"
+
+
+def run_method(method: str, permute: bool) -> str:
+    """The method label of a run: `method`, or `method + PERMUTED_SUFFIX` for a permuted run (`arca_perm`)."""
+    return f"{method}{PERMUTED_SUFFIX}" if permute else method
+
+
+def split_run_method(label: str) -> tuple[str, bool]:
+    """`(method, permute)` of a run's method label (`arca_perm` -> `("arca", True)`), the inverse of
+    `run_method`; a label that is neither a method nor a permuted one raises."""
+    method = label.removesuffix(PERMUTED_SUFFIX)
+    permute = method != label
+    if method not in METHODS or (permute and method == "uniform"):
+        raise ValueError(f"method: {label!r} is not a method of {', '.join(METHODS)} nor <method>{PERMUTED_SUFFIX}")
+    return method, permute
 
 
 class CreditConfigError(ValueError):
@@ -85,6 +103,11 @@ class CreditConfig:
         reference: one of `REFERENCE_MODES`, how adapter-off states are obtained in training.
         salience_dropout: keep LoRA dropout active in the adapter-on pass that feeds the salience (the
             paper's code does; SPEC 2b forbids it otherwise). Only for reproducing the paper.
+        fallback: the degenerate-row rule, one of `arca.credit.FALLBACKS`: `raw_mean` (SPEC 3, `sum(a) <=
+            eps * T` on the raw saliences) or `sharpened_sum` (the paper's code, `sum (a + eps)^p <= eps`).
+        permute: the permutation control (SPEC 3): after normalization, each completion's weights are permuted
+            uniformly at random over its valid tokens (`arca.credit.permute_weights`). A per-run option (the
+            run's cell in `study.runs`), not a shared credit key; meaningless for `uniform`, so refused there.
     """
 
     method: str
@@ -98,6 +121,8 @@ class CreditConfig:
     sharpening: float = 1.0  # off: the signal's own shape (the paper's code squares it: 2)
     reference: str = "matched"  # exact in any dtype (SPEC 2b)
     salience_dropout: bool = False  # dropout noise in a salience is not signal (SPEC 2b)
+    fallback: str = "raw_mean"  # SPEC 3: an exactly zero signal falls back whatever the sharpening
+    permute: bool = False  # the signal's own positions; True is the control that loses them
 
     def __post_init__(self) -> None:
         _check("method", self.method in METHODS, f"must be one of {', '.join(METHODS)}", self.method)
@@ -128,6 +153,27 @@ class CreditConfig:
         _check("reference", self.reference in REFERENCE_MODES, f"must be one of {modes}", self.reference)
         dropout = self.salience_dropout
         _check("salience_dropout", isinstance(dropout, bool), "must be True or False", dropout)
+        _check("fallback", self.fallback in FALLBACKS, f"must be one of {', '.join(FALLBACKS)}", self.fallback)
+        _check("permute", isinstance(self.permute, bool), "must be True or False", self.permute)
+        _check(
+            "permute",
+            not (self.permute and self.method == "uniform"),
+            "uniform weights are all 1, permuting them changes nothing; use it with a salience method",
+            self.permute,
+        )
+
+    def normalization(self) -> dict[str, object]:
+        """The keyword arguments of `arca.credit.normalize` after `(saliences, mask)`: one call shape for the
+        trainer, the dumps and the diagnostics, so none of them can drop a knob."""
+        return {
+            "scheme": self.scheme,
+            "tau": self.tau,
+            "eps": self.eps,
+            "mix": self.mix,
+            "w_max": self.w_max,
+            "sharpening": self.sharpening,
+            "fallback": self.fallback,
+        }
 
 
 def _number(x: object) -> bool:

@@ -122,20 +122,14 @@ def float32_saliences(
 
 
 def normalized(raw: dict[str, Tensor], rollouts: Rollouts, credit: CreditConfig) -> dict[str, tuple[Tensor, Tensor]]:
-    """name -> (raw saliences, weights normalized with the run's credit params), each (N, C)."""
+    """name -> (raw saliences, weights normalized with the run's credit params), each (N, C).
+
+    The weights are never permuted, whatever `credit.permute`: a dump scores every signal at its own positions
+    (a permutation changes no concentration statistic, and SPEC 9's permuted control draws its own)."""
     mask = rollouts.completion_mask[:, rollouts.prompt_length :]  # (N, C)
     out = {}
     for name, a in raw.items():
-        w, _ = normalize(
-            a,
-            mask,
-            credit.scheme,
-            credit.tau,
-            credit.eps,
-            mix=credit.mix,
-            w_max=credit.w_max,
-            sharpening=credit.sharpening,
-        )
+        w, _ = normalize(a, mask, **credit.normalization())  # never permuted: the signal's own positions
         out[name] = (a, w)
     return out
 

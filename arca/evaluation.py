@@ -15,10 +15,12 @@ from functools import partial
 
 import pandas as pd
 import torch
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from arca.grading import GRADERS
 from arca.rollouts import Rollouts, generate
+from arca.sampling.merged import merged_copy
 
 # grader name -> prefix of its columns and summary keys; math-verify keeps the historical unprefixed names.
 PREFIXES = {"math_verify": "", "exact": "exact_"}
@@ -47,12 +49,15 @@ def evaluate(
         k: samples per problem (0: greedy only; the k columns are then 0).
         temperature, top_p, top_k: sampling of the k completions (top_p 1 and top_k 0: unfiltered).
         sample: the engine, called as `sample(prompts, samples=..., greedy=..., ...)` with `arca.rollouts.generate`'s
-            keywords (e.g. a bound `VLLMSampler.generate`); None: HF `generate` with `model` (then required).
+            keywords (e.g. a bound `VLLMSampler.generate`); None: HF `generate` with `model` (then required; a
+            `PeftModel` decodes as a merged copy, `arca.sampling.merged.merged_copy`).
     """
     if sample is None:
         if model is None:
             raise ValueError("model: required when no `sample` engine is given")
-        sample = partial(generate, model, tokenizer)
+        # HF decoding of an unmerged LoRA model is host-bound (two small matmuls per module per token): decode with
+        # the adapter merged into a copy (`W + s B A`, the caller's model untouched; one copy of the weights).
+        sample = partial(generate, merged_copy(model) if isinstance(model, PeftModel) else model, tokenizer)
     prompts = list(problems["prompt"])
     answers = list(problems["answer"])
     kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat_template_kwargs": chat_template_kwargs}

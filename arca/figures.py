@@ -50,6 +50,10 @@ _SIGNAL_COLORS = {
     "entropy_drop": "#c5b0d5",
     "arca_local": "#8c1515",
 }
+# A permuted run's method (`arca_perm`, SPEC 3; suffix = arca.credit_config.PERMUTED_SUFFIX): its signal's hue, lighter.
+_SIGNAL_COLORS |= {
+    f"{s}_perm": mcolors.to_hex([c + (1 - c) * 0.55 for c in mcolors.to_rgb(h)]) for s, h in _SIGNAL_COLORS.items()
+}
 PHASE_ORDER = ("init", "mid", "final")
 TRAJECTORY_KEYS = ["run", "step", "prompt_id", "sample"]
 TRAINING_COLUMNS = ["reward", "gini", "etr", "fallback_rate"]
@@ -356,14 +360,8 @@ def training_curves(
                 label = f"{method} r={rank:g}" if pd.notna(rank) else str(method)
                 label += f" ({seeds} run{'s' if seeds > 1 else ''})"
                 ax.plot(per_step.index, per_step["mean"], color=signal_color(method), linestyle=style, label=label)
-                ax.fill_between(
-                    per_step.index,
-                    per_step["min"],
-                    per_step["max"],
-                    color=signal_color(method),
-                    alpha=0.15,
-                    linewidth=0,
-                )
+                color = signal_color(method)
+                ax.fill_between(per_step.index, per_step["min"], per_step["max"], color=color, alpha=0.15, linewidth=0)
             if table[metric].isna().all():
                 ax.text(0.5, 0.5, f"no {metric} in the logs", ha="center", va="center", transform=ax.transAxes)
             ax.set_ylabel(_TRAINING_YLABELS[metric])

@@ -29,6 +29,14 @@ LOG2_RANGE = 3.0  # colors saturate at 8x above / below the mean weight
 TOKENS_PER_BLOCK = 16  # columns per aligned block on a page
 _VISIBLE = {"\n": "\u23ce", "\t": "\u21e5", " ": "\u00b7", "\r": "\\r"}
 _CMAP = "RdBu_r"
+# Counterfactual marks (SPEC 9): a box on decisive tokens, a dotted underline on scored, non-decisive ones.
+_DECISIVE_STYLE = {True: ";outline:2px solid #000;outline-offset:-2px", False: ";border-bottom:2px dotted #555"}
+_DECISIVE_LEGEND = (
+    "<p>Counterfactual test (SPEC 9): <span style='outline:2px solid #000'>boxed</span> tokens are decisive "
+    "(replacing the token by the most likely other one and decoding greedily changes the reward), "
+    "<span style='border-bottom:2px dotted #555'>dotted</span> ones were scored and are not; others were not "
+    "scored.</p>"
+)
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,25 @@ def choose_completions(
     return step, completions
 
 
+def with_effects(completions: list[Completion], run: str, step: int, effects: pd.DataFrame | None) -> list[Completion]:
+    """The completions with a `decisive` column (True / False at scored positions, None elsewhere) when
+    `effects` holds rows of `run` at `step`; unchanged otherwise."""
+    if effects is None:
+        return completions
+    effects = effects[(effects["run"] == run) & (effects["step"] == step)]
+    if effects.empty:
+        return completions
+    keys = ["prompt_id", "sample", "pos"]
+    out = []
+    for c in completions:
+        rows = c.rows.drop(columns=["decisive"], errors="ignore").merge(
+            effects[[*keys, "decisive"]], on=keys, how="left", validate="one_to_one"
+        )
+        rows["decisive"] = rows["decisive"].astype(object).where(rows["decisive"].notna(), None)
+        out.append(Completion(c.prompt_id, c.sample, rows))
+    return out
+
+
 _CSS = """
 body { font-family: "DejaVu Sans", sans-serif; font-size: 13px; margin: 1.5em; color: #222; }
 table.tok { border-collapse: collapse; margin: 0 0 0.8em 0; }
@@ -126,6 +153,8 @@ def _scale_html() -> str:
 def _block_html(rows: pd.DataFrame, signals: list[str], stats: dict[str, str]) -> str:
     """One aligned block: a position row, then one row per signal with every token colored by its weight."""
     tokens = [html.escape(visible_token(t), quote=True) for t in rows["token"].astype(str)]
+    # SPEC 9 marks, where the faithfulness stage scored this completion: True / False / None (not scored)
+    decisive = rows["decisive"].tolist() if "decisive" in rows else [None] * len(rows)
     lines = ["<table class='tok'>", "<tr><th></th>"]
     lines += [f'<td class="pos">{p}</td>' for p in rows["pos"]]
     lines.append("</tr>")
@@ -139,7 +168,8 @@ def _block_html(rows: pd.DataFrame, signals: list[str], stats: dict[str, str]) -
                 f"pos {rows['pos'].iat[i]} id {rows['token_id'].iat[i]} | {signal}: w={w[i]:.4g} a={a[i]:.4g}",
                 quote=True,
             )
-            lines.append(f'<td style="background:{bg[i]};color:{fg[i]}" title="{title}">{token}</td>')
+            mark = _DECISIVE_STYLE.get(decisive[i], "")
+            lines.append(f'<td style="background:{bg[i]};color:{fg[i]}{mark}" title="{title}">{token}</td>')
         lines.append("</tr>")
     lines.append("</table>")
     return "".join(lines)
@@ -189,6 +219,7 @@ def completion_page(completion: Completion, step: int) -> str:
             f"<table class='meta'>{meta_rows}</table>",
             _scale_html(),
             "<p>Whitespace: \u00b7 space, \u23ce newline, \u21e5 tab. Hover a token for its values.</p>",
+            _DECISIVE_LEGEND if "decisive" in rows else "",
             *blocks,
             '<p><a href="index.html">all prompts</a></p>',
             "</body></html>",
@@ -222,7 +253,13 @@ def index_page(run: str, step: int, completions: list[Completion]) -> str:
 
 
 def heatmap_pages(
-    dumps: pd.DataFrame, out_dir: Path, run: str, step: int | None = None, max_prompts: int = 8, seed: int = 0
+    dumps: pd.DataFrame,
+    out_dir: Path,
+    run: str,
+    step: int | None = None,
+    max_prompts: int = 8,
+    seed: int = 0,
+    effects: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Write `index.html` and one page per chosen prompt of `run` into `out_dir`; remove stale pages.
 
@@ -234,11 +271,14 @@ def heatmap_pages(
         step: checkpoint to show; its last one if None.
         max_prompts: cap on the number of pages (seeded choice of prompts).
         seed: seed of the choice of prompts and samples.
+        effects: counterfactual effects (data/faithfulness/<run>/effects.parquet: run, step, prompt_id,
+            sample, pos, decisive); where they cover the shown step, decisive tokens are boxed.
 
     Returns:
         the written pages, index first.
     """
     step, completions = choose_completions(dumps, run, step, max_prompts, seed)
+    completions = with_effects(completions, run, step, effects)
     out_dir = Path(out_dir)
     written = [out_dir / "index.html"]
     atomic_write(written[0], lambda tmp: tmp.write_text(index_page(run, step, completions), encoding="utf-8"))

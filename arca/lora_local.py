@@ -21,6 +21,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from arca.precision import no_autocast
+
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:
     """Every PEFT LoRA layer of `model` that wraps a linear map (the modules `arca_local` sums over)."""
@@ -40,13 +42,14 @@ def lora_output_norm(layer: LoraLayer, x: Tensor) -> Tensor:
     if layer.disable_adapters or layer.merged:
         return total
     x32 = x.detach().float()
-    for name in layer.active_adapters:
-        if name not in layer.lora_A:
-            continue
-        a = layer.lora_A[name].weight.detach().float()  # (r, in)
-        b = layer.lora_B[name].weight.detach().float()  # (out, r)
-        update = torch.nn.functional.linear(torch.nn.functional.linear(x32, a), b) * layer.scaling[name]  # (..., out)
-        total += torch.linalg.vector_norm(update, dim=-1)
+    with no_autocast(x.device.type):  # in the loss forward of a bf16 run autocast would make these bf16 matmuls
+        for name in layer.active_adapters:
+            if name not in layer.lora_A:
+                continue
+            a = layer.lora_A[name].weight.detach().float()  # (r, in)
+            b = layer.lora_B[name].weight.detach().float()  # (out, r)
+            update = torch.nn.functional.linear(torch.nn.functional.linear(x32, a), b) * layer.scaling[name]
+            total += torch.linalg.vector_norm(update, dim=-1)  # update: (..., out)
     return total
 
 

@@ -42,10 +42,13 @@ class ModelSpec:
             raise ValueError(f"params.yaml: model.dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` means bfloat16 where a GPU is present and float32 on CPU (CPU bf16 is slow and imprecise)."""
+def resolve_dtype(name: str, cuda: bool | None = None) -> torch.dtype:
+    """`auto` means bfloat16 where the run is on a GPU and float32 on CPU (CPU bf16 is slow and imprecise).
+
+    `cuda`: whether the run computes on a GPU (a training run's resolved `train.device`); None: whether one is
+    present, for stages without a device setting."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if (torch.cuda.is_available() if cuda is None else cuda) else torch.float32
     return DTYPES[name]
 
 

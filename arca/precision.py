@@ -9,7 +9,7 @@ back down restores them bit for bit; no second copy of a 1.7B model is ever held
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 @contextmanager
 def float32_weights(model: nn.Module) -> Iterator[nn.Module]:
-    """Run `model` in float32 inside the block (autocast off), then restore every tensor's dtype exactly.
+    """Run `model` in float32 inside the block (autocast off, Accelerate's autocast wrapper of `forward` too),
+    then restore every tensor's dtype and every forward exactly.
 
     Only floating parameters and buffers that are not float32 are touched; float32 ones (e.g. a LoRA
     adapter PEFT keeps in float32 beside a bf16 base) are never rounded.
@@ -29,14 +30,35 @@ def float32_weights(model: nn.Module) -> Iterator[nn.Module]:
                 if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
                     changed.append((module, name, is_param, tensor.dtype))
                     tensor.data = tensor.data.float()
+    # Accelerate's mixed precision wraps `forward` in its own autocast, entered inside this block's, so it would
+    # turn autocast back on for every matmul (bf16 in, bf16 out): the wrapped forwards are unwrapped meanwhile.
+    wrapped = [(m, m.__dict__["forward"]) for m in model.modules() if _accelerate_wrapped(m)]
+    for module, _ in wrapped:
+        module.forward = module._original_forward
     device_type = next(model.parameters()).device.type
     try:
-        with torch.autocast(device_type=device_type, enabled=False):
+        with no_autocast(device_type):
             yield model
     finally:
+        for module, forward in wrapped:
+            module.forward = forward
         for module, name, is_param, dtype in changed:
             tensor = (module._parameters if is_param else module._buffers)[name]
             tensor.data = tensor.data.to(dtype)
+
+
+def _accelerate_wrapped(module: nn.Module) -> bool:
+    """Whether `accelerator.prepare` replaced the module's `forward` by its autocast wrapper (it keeps the
+    original as `_original_forward`; `unwrap_model` keeps the wrapper by default)."""
+    return "forward" in module.__dict__ and hasattr(module, "_original_forward")
+
+
+def no_autocast(device_type: str) -> AbstractContextManager:
+    """Autocast off on `device_type` for the block (a no-op where that device has no autocast, e.g. meta), so a
+    float32 computation stays float32 inside a mixed-precision training step."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return nullcontext()
 
 
 def noise_share(a: Tensor, a32: Tensor, mask: Tensor) -> float:
@@ -68,10 +90,12 @@ def rank_correlation(a: Tensor, a32: Tensor, mask: Tensor) -> float:
 
 def _average_ranks(x: Tensor) -> Tensor:
     """1-based ranks of a 1-D tensor, ties sharing their mean rank."""
+    # Every new tensor on x's device: a constructor without `device=` lands on the CPU (or the default device),
+    # and `ranks[order] = <CPU tensor>` on a CUDA `x` raises (the trainer's noise probe at its first log).
     order = torch.argsort(x)
     ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(1, x.numel() + 1, dtype=x.dtype)
+    ranks[order] = torch.arange(1, x.numel() + 1, dtype=x.dtype, device=x.device)
     unique, inverse = torch.unique(x, return_inverse=True)
-    sums = torch.zeros(unique.numel(), dtype=x.dtype).scatter_add_(0, inverse, ranks)
-    counts = torch.zeros(unique.numel(), dtype=x.dtype).scatter_add_(0, inverse, torch.ones_like(x))
+    sums = torch.zeros(unique.numel(), dtype=x.dtype, device=x.device).scatter_add_(0, inverse, ranks)
+    counts = torch.zeros(unique.numel(), dtype=x.dtype, device=x.device).scatter_add_(0, inverse, torch.ones_like(x))
     return (sums / counts)[inverse]

@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -206,13 +206,24 @@ def read_log(path: Path) -> list[dict[str, float]]:
     return [{c: (int(v) if c == "step" else float(v)) for c, v in zip(columns, line.split("\t"))} for line in lines]
 
 
+def distributed_barrier() -> None:
+    """Wait for every process of the run where a process group exists (`torch.distributed` initialized, as
+    Accelerate's `wait_for_everyone` does); a no-op in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def resume_point(
-    out: Path, fingerprint: dict, checkpoints: Path | None = None
+    out: Path, fingerprint: dict, checkpoints: Path | None = None, barrier: Callable[[], None] = distributed_barrier
 ) -> tuple[str | None, dict[str, Any], list[dict[str, float]]]:
     """(last checkpoint, its run state, its log rows) if the run in `out` can be resumed, else a fresh start.
 
-    A checkpoint written under other settings is never resumed: the run's partial outputs are deleted and
-    training starts over (with DVC, changed params mean a new run).
+    A checkpoint written under other settings is never resumed: the run's partial outputs are deleted (by process
+    0) and training starts over (with DVC, changed params mean a new run). `barrier` runs on every process before
+    the deletion (no process is still reading the stale checkpoint) and after it (none writes the new run's files
+    into a folder being deleted).
     """
     checkpoints = out / "checkpoints" if checkpoints is None else Path(checkpoints)
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
@@ -221,6 +232,7 @@ def resume_point(
         return last, state, read_log(Path(last) / "log.tsv")
     if last:
         logger.warning("%s: settings changed since %s; starting the run over", out, last)
+    barrier()
     if int(os.environ.get("RANK", "0")) == 0:
         outputs = ("adapters", "adapter", "log.tsv", "budget.json", "metrics.json")
         for path in (checkpoints, *(out / name for name in outputs)):
@@ -228,4 +240,5 @@ def resume_point(
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+    barrier()
     return None, {}, []

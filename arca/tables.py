@@ -28,6 +28,7 @@ NO_LOW_PRECISION = (
 SCORES = ("pass@1", "mean@k", "pass@k")
 PAIRED = ("pass@1", "mean@k")  # scores compared with the baseline
 BASELINE = "uniform"
+PERMUTED_SUFFIX = "_perm"  # arca.credit_config.PERMUTED_SUFFIX (not imported: this module needs no torch)
 BASE_MODEL = "base"
 ACCURACY_KEYS = ["grader", "eval_set", "method", "rank"]
 ACCURACY_FOOTNOTE = (
@@ -85,12 +86,18 @@ def accuracy_stats(
             row["adapter_md5"] = ";".join(per_run["adapter_md5"].fillna("none"))
             rows.append(row)
     out = pd.DataFrame(rows)
-    # reading order: math-verify before other graders, then base model, baseline, the other methods
+    # reading order: math-verify before other graders, then base model, baseline, the other methods, each
+    # permuted control (`arca_perm`, SPEC 3: its own method) right after its signal
     order = pd.DataFrame(
-        {"g": out["grader"] != "math_verify", "m": out["method"].map({BASE_MODEL: 0, BASELINE: 1}).fillna(2)}
+        {
+            "g": out["grader"] != "math_verify",
+            "m": out["method"].map({BASE_MODEL: 0, BASELINE: 1}).fillna(2),
+            "signal": out["method"].str.removesuffix(PERMUTED_SUFFIX),
+            "permuted": out["method"].str.endswith(PERMUTED_SUFFIX),
+        }
     )
-    keys = pd.concat([order, out[["grader", "eval_set", "method", "rank"]]], axis=1)
-    ordered = keys.sort_values(["g", "grader", "eval_set", "m", "method", "rank"], kind="stable").index
+    keys = pd.concat([order, out[["grader", "eval_set", "rank"]]], axis=1)
+    ordered = keys.sort_values(["g", "grader", "eval_set", "m", "signal", "permuted", "rank"], kind="stable").index
     return out.loc[ordered].reset_index(drop=True)
 
 

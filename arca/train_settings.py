@@ -29,6 +29,7 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vesp
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 LR_SCHEDULERS += ("inverse_sqrt",)
 
+DEVICES = ("auto", "cuda", "cpu")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -53,6 +54,8 @@ class TrainSettings:
             (defaults: HF's; the paper: cosine, 10, 1.0, 0.0); `max_grad_norm` 0 turns clipping off.
         max_prompt_length: drop training problems whose prompt (as TRL tokenizes it) is longer; None keeps all.
         dtype: `auto` = bfloat16 on CUDA, float32 on CPU.
+        device: where the run trains: `cuda` (and fail without a usable CUDA device, never fall back to the CPU),
+            `cpu`, or `auto` (CUDA when torch sees a device, else the CPU); see `resolve_device`.
         use_vllm, vllm_mode, vllm_importance_sampling_correction: TRL's vLLM generation (`colocate`: vLLM shares
             the training GPU; `server`: `trl vllm-serve` elsewhere) and its importance-sampling correction of the
             sampler/trainer mismatch, passed through (untested here: no GPU). The credit hooks see TRL's loss
@@ -92,9 +95,10 @@ class TrainSettings:
     use_vllm: bool = False
     vllm_mode: str = "colocate"
     vllm_importance_sampling_correction: bool = True  # TRL's default; the paper profile turns it off
-    # Off by default: with it on, HF generation runs without a KV cache (~20x slower rollouts on CPU);
-    # the paper profile turns it on to fit long completions of a 1.7B model in GPU memory.
+    # Off by default and in every profile (paper and study included): with it on, HF generation runs without a
+    # KV cache (~20x slower rollouts on CPU); turn it on where long completions of a large model do not fit.
     gradient_checkpointing: bool = False
+    device: str = "auto"
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -154,6 +158,7 @@ class TrainSettings:
             self,
         )
         _require(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}", self)
+        _require(self.device in DEVICES, "device", f"one of {', '.join(DEVICES)}", self)
         modules = self.target_modules
         _require(
             isinstance(modules, str)
@@ -191,3 +196,25 @@ def _finite(x: object) -> bool:
 def _require(ok: bool, name: str, what: str, settings: TrainSettings) -> None:
     if not ok:
         raise SettingError(name, f"must be {what}, got {getattr(settings, name)!r}")
+
+
+def resolve_device(device: str) -> str:
+    """`cuda` or `cpu` for a `TrainSettings.device`; `cuda` without a usable CUDA device raises `SettingError`
+    naming the torch build, since a GPU profile that silently trained on the CPU would run for days.
+
+    Why it checks `torch.cuda.is_available()`: the pinned torch's default wheel is built for a CUDA whose
+    driver may be newer than the machine's, and then (as with the CPU build) torch sees no device at all.
+    """
+    import torch  # here, not at import: the stages validate params without loading torch's CUDA state
+
+    if device not in DEVICES:
+        raise SettingError("device", f"must be one of {', '.join(DEVICES)}, got {device!r}")
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (the CPU build)"
+        raise SettingError(
+            "device",
+            f"is cuda but torch {torch.__version__}, built for {build}, sees no usable CUDA device; install the "
+            "torch build for this machine's NVIDIA driver (README, GPU section) or set it to cpu",
+        )
+    return "cuda" if device == "cuda" or (device == "auto" and available) else "cpu"

@@ -68,12 +68,13 @@ from arca.capture import (
     sequences,
 )
 from arca.config import CreditGRPOConfig, trainer_credit
-from arca.credit import normalize
+from arca.credit import normalize, permutation_seeds, permute_weights
 from arca.credit_config import CreditConfig
 from arca.credit_log import CREDIT_METRICS, credit_sums
 from arca.lora_local import LoraNormCapture
 from arca.noise_probe import NOISE_SIGNALS, NoiseProbe
 from arca.sampler import EpochSeededRepeatSampler
+from arca.sampling.merged import sync_merged_copies
 from arca.signals import logit_map, needs_logits, needs_lora, needs_reference, signals_from_states
 
 __all__ = ["CREDIT_METRICS", "NOISE_SIGNALS", "REF_KEY", "CreditGRPOTrainer"]
@@ -140,6 +141,15 @@ class CreditGRPOTrainer(GRPOTrainer):
         )
         sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
         self._noise = NoiseProbe(unwrapped, self.accelerator, self.credit.layer, self.temperature, sharded)
+        self._sync_merged_copies()
+
+    def _sync_merged_copies(self) -> None:
+        """`use_vllm`: vLLM gets `W + s B A` copies, never TRL's in-place bf16 merge/unmerge (`arca.sampling.merged`);
+        sharded weights (ZeRO-3, FSDP) keep TRL's path, since a copy needs the whole weight."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        zero3 = self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3
+        if getattr(self, "vllm_generation", None) is not None and not (self.is_fsdp_enabled or zero3):
+            sync_merged_copies(self.vllm_generation, lambda: self.accelerator.unwrap_model(self.model))
 
     def _check_setup(self) -> None:
         method, quantile = self.credit.method, self.args.top_entropy_quantile
@@ -355,11 +365,15 @@ class CreditGRPOTrainer(GRPOTrainer):
         self._set_weights(inputs, saliences)
 
     def _set_weights(self, inputs: dict[str, Any], saliences: Tensor) -> None:
-        """Normalize (B, T) `saliences` (SPEC 3) and set `inputs["advantages"]` to `A_i * w_i,t` (SPEC 4)."""
-        c, mask = self.credit, loss_mask(inputs)  # (B, T)
-        weights, fallback = normalize(
-            saliences, mask, c.scheme, c.tau, c.eps, mix=c.mix, w_max=c.w_max, sharpening=c.sharpening
-        )
+        """Normalize (B, T) `saliences` (SPEC 3), permute them with `credit.permute`, and set
+        `inputs["advantages"]` to `A_i * w_i,t` (SPEC 4)."""
+        mask = loss_mask(inputs)  # (B, T)
+        weights, fallback = normalize(saliences, mask, **self.credit.normalization())
+        if self.credit.permute:  # seeded by the run seed, the optimizer step and each row's tokens (every process)
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)  # (B, P + T)
+            rows = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)  # (B, P + T)
+            seeds = permutation_seeds(self.args.seed, self.state.global_step, ids, rows)  # (B,)
+            weights = permute_weights(weights, mask, seeds)
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)  # (B, 1)

@@ -40,13 +40,21 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
 from arca.config import CreditGRPOConfig, credit_arguments
-from arca.credit_config import CreditConfig
+from arca.credit_config import CreditConfig, run_method
 from arca.grading import reward_function
 from arca.io import write_json
 from arca.models import resolve_dtype
 from arca.rollouts import prompt_token_ids
 from arca.run_files import RunRecorder, json_safe, restore_finished, resume_point, save_adapter
-from arca.train_settings import ALL_LINEAR, DTYPES, LOSS_TYPES, LR_SCHEDULERS, SettingError, TrainSettings
+from arca.train_settings import (
+    ALL_LINEAR,
+    DTYPES,
+    LOSS_TYPES,
+    LR_SCHEDULERS,
+    SettingError,
+    TrainSettings,
+    resolve_device,
+)
 from arca.trainer import CreditGRPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -56,6 +64,7 @@ __all__ = ["ALL_LINEAR", "DTYPES", "LOSS_TYPES", "LR_SCHEDULERS", "SettingError"
 DATA_COLUMNS = ("prompt_id", "prompt", "answer")
 SUMMARY_COLUMNS = ("reward", "frac_mixed_groups", "kl", "entropy", "completion_length")
 SUMMARY_COLUMNS += ("gini", "etr", "fallback_rate", "max_weight")
+WHOLE_RUN_COLUMNS = ("gini", "etr", "fallback_rate")  # `<column>_mean` over every logged step
 
 
 def load_prompts(path: Path) -> Dataset:
@@ -96,7 +105,9 @@ def drop_long_prompts(
 
 
 def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int | None = None) -> CreditGRPOConfig:
-    """TRL config for `settings` plus the run's credit fields (the public `CreditGRPOConfig`, one config path)."""
+    """TRL config for `settings` plus the run's credit fields (the public `CreditGRPOConfig`, one config path).
+    CUDA (bf16 / fp16 mixed precision) or the CPU as `settings.device` resolves (`resolve_device`: `cuda` without
+    a device raises); `world_size` > 1 (default: `WORLD_SIZE`) turns DDP's unused-parameter search off."""
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     per_step = settings.rollouts_per_step
     if per_step % (settings.gradient_accumulation_steps * world_size) != 0:
@@ -105,7 +116,10 @@ def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int |
             f"into gradient_accumulation_steps x processes = "
             f"{settings.gradient_accumulation_steps} x {world_size}"
         )
-    dtype, cuda = resolve_dtype(settings.dtype), torch.cuda.is_available()
+    # `train.device: cuda` without a device raises here (and in the stages, before any model loads): never a
+    # silent CPU run of a GPU profile.
+    cuda = resolve_device(settings.device) == "cuda"
+    dtype = resolve_dtype(settings.dtype, cuda)
     return CreditGRPOConfig(
         output_dir=str(settings.checkpoints),
         seed=settings.seed,
@@ -138,6 +152,9 @@ def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int |
         vllm_mode=settings.vllm_mode,
         vllm_importance_sampling_correction=settings.vllm_importance_sampling_correction,
         gradient_checkpointing=settings.gradient_checkpointing,
+        # A `PeftModel` is no `PreTrainedModel`, so transformers would set DDP's find_unused_parameters=True
+        # (an extra graph walk every backward) although every LoRA parameter gets a gradient.
+        ddp_find_unused_parameters=False if world_size > 1 else None,
         chat_template_kwargs=dict(settings.chat_template_kwargs) or None,
         **credit_arguments(credit),
     )
@@ -156,6 +173,15 @@ def lora_config(settings: TrainSettings) -> LoraConfig:
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
+
+
+def _process_group(cuda: bool) -> None:
+    """Start Accelerate's process state (the one TRL's Trainer takes over) when several processes train, so that
+    `resume_point`'s barrier around the stale-checkpoint cleanup really waits (a no-op for one process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=not cuda)
 
 
 @contextlib.contextmanager
@@ -236,11 +262,13 @@ def run_training(
     dataset = load_prompts(settings.train_path)
     out = Path(settings.output_dir)
     fingerprint = run_fingerprint(settings, credit, reward_funcs)
+    cuda = resolve_device(settings.device) == "cuda"
+    _process_group(cuda)  # before resume_point: its barrier must see every process
     last, prior, prior_rows = resume_point(out, fingerprint, settings.checkpoints)
     set_seed(settings.seed)
-    with _deterministic(not torch.cuda.is_available()):
+    with _deterministic(not cuda):
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(settings.model_dir, dtype=resolve_dtype(settings.dtype))
+            model = AutoModelForCausalLM.from_pretrained(settings.model_dir, dtype=resolve_dtype(settings.dtype, cuda))
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(settings.model_dir)
         dataset, too_long = drop_long_prompts(
@@ -294,7 +322,7 @@ def _finish(
     out, steps = Path(settings.output_dir), trainer.state.global_step
     save_adapter(trainer.model, out / "adapter")
     budget = {
-        "method": credit.method,
+        "method": run_method(credit.method, credit.permute),  # `arca_perm` for the permutation control
         "rank": settings.rank,
         "seed": settings.seed,
         "prompts": settings.prompts_per_step,
@@ -306,6 +334,8 @@ def _finish(
     }
     if settings.max_prompt_length is not None:  # absent otherwise: the default's budget.json stays as it was
         budget["prompts_too_long"] = too_long
+    if credit.permute:  # likewise only where set
+        budget["permute"] = True
     write_json(out / "budget.json", json_safe(budget))
     # Wall time only here: budget.json is a dump dep, and a retrain with identical outputs must not rerun dumps.
     wall = {"wall_seconds": round(recorder.wall_seconds(), 3)}
@@ -317,7 +347,8 @@ def _finish(
 def summarize(
     rows: Sequence[dict[str, float]], credit: CreditConfig, settings: TrainSettings, steps: int
 ) -> dict[str, Any]:
-    """metrics.json: means over the whole run and over its last 10% of steps (at least one logging row)."""
+    """metrics.json: means over every logged step (`reward_mean`, `<column>_mean` of `WHOLE_RUN_COLUMNS`) and over
+    the last 10% of steps (`<column>_tail`, at least one logging row)."""
     tail_from = steps - max(1, math.ceil(0.1 * steps))
     tail = [r for r in rows if r["step"] > tail_from] or list(rows[-1:])
 
@@ -326,13 +357,18 @@ def summarize(
         return sum(values) / len(values) if values else float("nan")
 
     summary: dict[str, Any] = {
-        "method": credit.method,
+        "method": run_method(credit.method, credit.permute),
+        **({"permute": True} if credit.permute else {}),
         "rank": settings.rank,
         "seed": settings.seed,
         "steps": steps,
         "tail_steps": steps - tail_from,
     }
     summary["reward_mean"] = mean(rows, "reward")
+    # Whole-run means beside the tail ones: the ARCA paper's Gini and EffN/T columns average every logged step
+    # (EffN/T = 1 / (T sum w^2) with w summing to 1, which is our ETR), so `tables` can set ours beside them.
+    for column in WHOLE_RUN_COLUMNS:
+        summary[f"{column}_mean"] = mean(rows, column)
     for column in SUMMARY_COLUMNS:
         summary[f"{column}_tail"] = mean(tail, column)
     return summary

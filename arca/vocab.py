@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from arca.precision import no_autocast
+
 
 def flat(x: Tensor, n: int) -> Tensor:
     return x.detach().reshape(n, -1)  # (B*T, D): a view, so only valid rows are ever copied
@@ -68,9 +70,12 @@ def vocab_stats(
 
     def log_probs(states: Tensor, head: tuple[Tensor, Tensor | None] | None, idx: Tensor) -> Tensor:
         z = states[idx].float()  # (c, D)
-        if head is not None:
-            z = to_logits(torch.nn.functional.linear(z, *head))  # (c, V) the model's own output logits
-        return torch.log_softmax(z / temperature, dim=-1)  # (c, V)
+        # Autocast off: inside a mixed-precision step (the trainer's loss forward, the noise probe) autocast
+        # would run this float32 head matmul in bf16.
+        with no_autocast(z.device.type):
+            if head is not None:
+                z = to_logits(torch.nn.functional.linear(z, *head))  # (c, V) the model's own output logits
+            return torch.log_softmax(z / temperature, dim=-1)  # (c, V)
 
     keys = ("logp", "entropy") + (("ref_logp", "ref_entropy", "kl") if len(sides) == 2 else ())
     out: dict[str, list[Tensor]] = {k: [] for k in keys}

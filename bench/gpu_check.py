@@ -1,7 +1,13 @@
 """GPU check before the first paper run: the paper profile's training step at full size, on random weights.
 
-    python -m bench.gpu_check [--steps 3] [--methods uniform,arca,arca_local,divergence] [--json out.json]
+    python -m bench.gpu_check [--json out.json]   # first run: uniform and arca, 2 steps each, < 5 min on one GPU
+    python -m bench.gpu_check --full              # every method of METHODS, 3 steps each (~8 min)
+    python -m bench.gpu_check [--steps N] [--methods uniform,arca,...]   # any other choice
     python -m bench.gpu_check --tiny      # the same code path on CPU in about a minute (the test suite runs it)
+
+Needs what the pipeline's train stage needs, since it trains through it (`REQUIRES`; `make setup`, i.e. `pip
+install -c constraints.txt -e '.[pipeline]'`, installs them, vLLM not among them); a missing one is named
+before anything loads. The torch build must match the machine's NVIDIA driver (README, GPU section).
 
 Qwen3-1.7B's architecture (bench/qwen3_1_7b_base_config.json, the hub config of Qwen/Qwen3-1.7B-Base) with random
 weights in bfloat16, a synthetic word-level tokenizer of the same vocabulary size (151,936), raw-text prompts of
@@ -18,8 +24,12 @@ first step: must be 1.00 in bf16, SPEC 2b), the bf16 noise share `||a - a32|| / 
 and divergence saliences at the last step (the trainer's noise probe), and the generated tokens per second of a
 whole training step and of generation alone (the figures `stages.plan --gpu-check` plans with).
 
+Then evaluation's decoding (`decode_rates`): greedy HF `generate` of a batch of `DECODE_BATCH` sequences with the
+paper's LoRA unmerged and merged into a copy (`arca.sampling.merged.merged_copy`, what `arca.evaluation` decodes
+with), in generated tokens per second: the planner's evaluation figure.
+
 Left out: vLLM (bench/vllm_check.py, which `make gpu-check` runs next), flash attention and several GPUs (the
-paper uses none); evaluation and dump throughput (the planner takes generation alone for them).
+paper uses none); dump throughput (the planner takes training's generation alone for it).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import importlib.util
 import io
 import json
 import logging
@@ -39,21 +50,36 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import torch
-from transformers import AutoModelForCausalLM, Qwen3Config, TrainerCallback
+# The packages a run needs beyond the standard library (import names), named before an ImportError would be.
+REQUIRES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "math_verify", "pandas", "pyarrow")
+REQUIRES += ("yaml", "click")  # no DVC or Hydra: `paper_params` composes the profile as they would
+_missing = [name for name in REQUIRES if importlib.util.find_spec(name) is None]
+if _missing:
+    raise SystemExit(
+        f"bench.gpu_check needs {', '.join(_missing)} (of {', '.join(REQUIRES)}): run `make setup`, or "
+        "`pip install -c constraints.txt -e '.[pipeline]'` with the torch build for this machine's driver"
+    )
 
-from arca.tiny import tiny_model
-from arca.trainer import CreditGRPOTrainer
-from arca.training import run_training
-from bench.step_overhead import id_reward, word_tokenizer
-from stages.profile import compose
-from stages.train import settings_from_params
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, Qwen3Config, TrainerCallback  # noqa: E402
+
+from arca.credit_config import METHOD_FIELDS  # noqa: E402
+from arca.sampling.merged import merged_copy  # noqa: E402
+from arca.tiny import tiny_model  # noqa: E402
+from arca.trainer import CreditGRPOTrainer  # noqa: E402
+from arca.training import lora_config, run_training  # noqa: E402
+from bench.step_overhead import id_reward, word_tokenizer  # noqa: E402
+from stages.train import settings_from_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "bench" / "qwen3_1_7b_base_config.json"
 PROFILE = ROOT / "conf" / "profile" / "paper.yaml"  # a complete profile: its YAML is the composed params
-METHODS = ("uniform", "arca", "arca_local", "divergence")
+METHODS = ("uniform", "arca", "arca_local", "divergence")  # --full
+FIRST = ("uniform", "arca")  # the first run's default: the paper profile's first two runs, 2 steps each
+DECODE_BATCH, DECODE_TOKENS = 64, 64  # evaluation's decoding check: sequences x new tokens (greedy, forced)
 NOISE_SIGNALS = ("arca", "arca_local", "divergence")
 RANK, SEED = 64, 1337  # the paper's main rank and seed
 PROMPT_WORDS = 160  # a MATH problem in the paper's raw prompt is ~100-250 tokens
@@ -71,6 +97,20 @@ class Size:
 
 FULL = Size("Qwen3-1.7B", vocab=151936, completion_tokens=512, prompt_words=PROMPT_WORDS)
 TINY = Size("tiny Qwen3", vocab=512, completion_tokens=8, prompt_words=24)
+
+
+def paper_params() -> dict[str, Any]:
+    """conf/profile/paper.yaml as `dvc exp run -S profile=paper` composes it, without DVC or Hydra (the device
+    machine has neither): the profile's shared `credit:` keys copied into one block per method, as
+    conf/credit_methods/default.yaml interpolates them (tests/test_gpu_check.py compares it with the composition)."""
+    params = yaml.safe_load(PROFILE.read_text())
+    credit = params["credit"]
+    given = credit.get("methods") or {}
+    credit["methods"] = {
+        method: {key: credit[key] for key in fields} | dict(given.get(method) or {})
+        for method, fields in METHOD_FIELDS.items()
+    }
+    return params
 
 
 def build_model(size: Size, device: torch.device) -> torch.nn.Module:
@@ -153,7 +193,7 @@ def _synchronize() -> None:
 
 def measure(method: str, size: Size, steps: int, workdir: Path, device: torch.device) -> dict[str, Any]:
     """Train `steps` steps of `method` with the paper profile's settings; timings, memory and the logged credit."""
-    params = compose("paper")  # the profile as DVC composes it (per-method credit blocks included)
+    params = paper_params()  # the profile as DVC composes it (per-method credit blocks included)
     settings, credit = settings_from_params(params, method, RANK, SEED, workdir / method)
     settings = dataclasses.replace(
         settings,
@@ -161,6 +201,7 @@ def measure(method: str, size: Size, steps: int, workdir: Path, device: torch.de
         max_steps=steps,
         max_completion_length=size.completion_tokens,
         save_steps=steps + 1,  # no optimizer checkpoint: writing one is not the step being timed
+        device=device.type,  # the profile says cuda; the CPU rehearsal (--tiny) trains on the CPU
     )
     model = build_model(size, device)
     recorder = StepRecorder()
@@ -192,12 +233,44 @@ def measure(method: str, size: Size, steps: int, workdir: Path, device: torch.de
     }
 
 
+@torch.no_grad()
+def decode_rates(size: Size, device: torch.device) -> dict[str, float]:
+    """Generated tokens/s of greedy HF decoding, `DECODE_BATCH` x `DECODE_TOKENS` new tokens, with the paper's LoRA
+    (r = 64 on every linear layer, B random so the adapter is not a no-op) unmerged and merged into a copy."""
+    settings, _ = settings_from_params(paper_params(), "uniform", RANK, SEED, Path("unused"))
+    model = get_peft_model(build_model(size, device), lora_config(settings)).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(8, size.vocab - 4, (DECODE_BATCH, size.prompt_words), generator=generator).to(device)
+    rates = {}
+    for name, decoder in (("unmerged", model), ("merged", merged_copy(model))):
+        for tokens in (2, DECODE_TOKENS):  # a 2-token warm-up, then the timed decode
+            _synchronize()
+            start = time.perf_counter()
+            decoder.generate(
+                input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=tokens,
+                min_new_tokens=tokens, pad_token_id=0,
+            )  # fmt: skip
+            _synchronize()
+        rates[name] = DECODE_BATCH * DECODE_TOKENS / (time.perf_counter() - start)
+        del decoder
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rates
+
+
 def _last(logs: list[dict[str, float]], key: str) -> float:
     values = [row[key] for row in logs if key in row]
     return float(values[-1]) if values else float("nan")
 
 
-def summary(results: dict[str, dict[str, Any]], size: Size, device: str, steps: int) -> dict[str, Any]:
+def summary(
+    results: dict[str, dict[str, Any]], size: Size, device: str, steps: int, decode: dict[str, float]
+) -> dict[str, Any]:
     """The numbers of the final line, as JSON-ready values."""
     base = results["uniform"] if "uniform" in results else next(iter(results.values()))
     noise_run = results.get("arca", base)
@@ -213,6 +286,8 @@ def summary(results: dict[str, dict[str, Any]], size: Size, device: str, steps: 
         "noise_share": {s: _finite(v) for s, v in noise_run["noise"].items()},
         "train_tokens_per_s": round(base["tokens_per_step"] / base["step_s"], 1),
         "generate_tokens_per_s": round(base["tokens_per_step"] / base["generate_s"], 1),
+        "evaluate_tokens_per_s": round(decode["merged"], 1),  # evaluation decodes with the adapter merged
+        "evaluate_unmerged_tokens_per_s": round(decode["unmerged"], 1),
     }
 
 
@@ -232,7 +307,8 @@ def final_line(s: dict[str, Any]) -> str:
         f"{s['completion_tokens']}-token completions | step s (median of {s['measured_steps']}): {steps} | "
         f"peak GPU memory {_gib(s['peak_gib'])} | step-0 fallback (expect 1.00): {fallback} | "
         f"bf16 noise share at the last step: {noise} | tokens/s: train {s['train_tokens_per_s']:,.0f}, "
-        f"generate {s['generate_tokens_per_s']:,.0f}"
+        f"generate {s['generate_tokens_per_s']:,.0f}, evaluation decoding {s['evaluate_tokens_per_s']:,.0f} "
+        f"merged vs {s['evaluate_unmerged_tokens_per_s']:,.0f} unmerged"
     )
 
 
@@ -244,11 +320,19 @@ def _number(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def check_plan(full: bool, steps: int | None, methods: str | None) -> tuple[int, list[str]]:
+    """(steps per method, methods) of a check: the first run's 2 steps of `FIRST` (< 5 min on one GPU), or
+    `--full`'s 3 steps of every method of `METHODS`; explicit `--steps` / `--methods` win."""
+    chosen = methods or ",".join(METHODS if full else FIRST)
+    return steps or (3 if full else 2), [m.strip() for m in chosen.split(",") if m.strip()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny Qwen3 and 8-token completions, on the CPU")
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per method; the first is a warm-up")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated credit methods")
+    parser.add_argument("--full", action="store_true", help=f"every method ({', '.join(METHODS)}), 3 steps each")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 2, --full 3)")
+    parser.add_argument("--methods", default=None, help=f"comma-separated (default {','.join(FIRST)}; --full all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here (for stages.plan)")
     options = parser.parse_args()
     size = TINY if options.tiny else FULL
@@ -257,17 +341,19 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not options.tiny else "cpu")
     logging.disable(logging.WARNING)  # TRL/transformers notices would bury the result
     warnings.simplefilter("ignore")
-    methods = [m.strip() for m in options.methods.split(",") if m.strip()]
+    steps, methods = check_plan(options.full, options.steps, options.methods)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         write_prompts(workdir / "train.parquet", size, n=64)
         results = {}
         for method in methods:
-            results[method] = measure(method, size, options.steps, workdir, device)
+            results[method] = measure(method, size, steps, workdir, device)
             print(f"{method}: {json.dumps(results[method])}", flush=True)
+    decode = decode_rates(size, device)
+    print(f"evaluation decoding: {json.dumps(decode)}", flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    result = summary(results, size, name, options.steps)
+    result = summary(results, size, name, steps, decode)
     result["wall_s"] = round(time.perf_counter() - start, 1)
     if options.json:
         options.json.write_text(json.dumps(result, indent=2) + "\n")  # methods in run order

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+def run_id(method: str, rank: int, seed: int) -> str:
+    """`<method>-r<rank>-s<seed>`; `method` is the run's label (`arca_perm` for a permuted ARCA run)."""
+    return f"{method}-r{rank}-s{seed}"
+
+
+def parse_run_id(run: str) -> tuple[str, int, int]:
+    """`(method label, rank, seed)` of a run id, the inverse of `run_id` (`arca_perm-r8-s0` -> `("arca_perm", 8,
+    0)`). The params schema guarantees every key of `study.runs` has this form."""
+    match = re.fullmatch(r"(\w+)-r(\d+)-s(\d+)", run)
+    if match is None:
+        raise ValueError(f"run id {run!r} is not <method>-r<rank>-s<seed> (a key of study.runs)")
+    return match.group(1), int(match.group(2)), int(match.group(3))
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:

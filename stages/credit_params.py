@@ -9,20 +9,28 @@ rollouts and read the shared keys, `credit.<key>`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from arca.credit_config import METHOD_FIELDS, CreditConfig, CreditConfigError
+from arca.credit_config import METHOD_FIELDS, CreditConfig, CreditConfigError, split_run_method
 from stages.common import section
 
 KEYS = ("scheme", "tau", "mix", "w_max", "layer", "eps", "top_entropy_quantile", "sharpening", "reference")
-KEYS += ("salience_dropout",)
+KEYS += ("salience_dropout", "fallback")
 FLOATS = ("tau", "mix", "w_max", "eps", "top_entropy_quantile", "sharpening")
 
 
 def credit_config(params: dict[str, Any], method: str) -> CreditConfig:
-    """The shared `credit:` keys as `method`'s `CreditConfig` (validated; errors name the params key)."""
+    """The shared `credit:` keys as `method`'s `CreditConfig` (validated; errors name the params key). `method`
+    may be a run's method label as dumps and budget.json write it: `arca_perm` (SPEC 3's permutation control)
+    gives ARCA's config with `permute` set, so every stage that looks a dumped method up gets its signal's."""
     credit = section(params, "credit")
-    return _config(method, {k: credit[k] for k in KEYS if k in credit}, "credit")
+    try:
+        signal, permute = split_run_method(method)
+    except ValueError:
+        signal, permute = method, False  # not a method: `_config` names the key and the choices
+    config = _config(signal, {k: credit[k] for k in KEYS if k in credit}, "credit")
+    return replace(config, permute=True) if permute else config
 
 
 def method_credit_config(params: dict[str, Any], method: str) -> CreditConfig:

@@ -74,6 +74,8 @@ def main(params_path: str) -> None:
         signals,
         tokens,
         eps=float(credit.get("eps", 1e-8)),
+        sharpening=float(credit.get("sharpening", 1.0)),
+        fallback=credit.get("fallback", "raw_mean"),
         top_frac=float(diag.get("top_frac", 0.05)),
         etr_uniform=float(diag["etr_uniform"]),
         etr_concentrated=float(diag["etr_concentrated"]),
@@ -81,7 +83,8 @@ def main(params_path: str) -> None:
     fallback = traj.groupby(["run", "step", "signal", "over"], sort=True)["fallback"].mean().rename("fallback_rate")
     summary = aggregate(traj, ["run", "method", "rank", "seed", "step", "phase", "signal", "over"])
     summary = summary.merge(fallback.reset_index(), on=["run", "step", "signal", "over"])
-    # a32 is normalized exactly as the dump normalized a: with the credit params of the run's method.
+    # a32 is normalized exactly as the dump normalized a: with the credit params of the run's method (a
+    # permuted run, `arca_perm`, was dumped with its signal's params: `credit_config` strips the suffix).
     noise = noise_table(dumps, {m: credit_config(params, m) for m in sorted(dumps["method"].unique())})
     if noise.empty:
         log.info("no dump has a32_ columns (every run is float32): noise.parquet is empty")

@@ -1,7 +1,10 @@
 """Stage `dump@<run>`: per-token credit weights of every signal on fixed probe rollouts, at every saved
 checkpoint of one run (step 0 included), as one Parquet file (SPEC section 6).
 
-    python -m stages.dump --method arca --rank 8 --seed 0 [--params params.yaml]
+    python -m stages.dump --run arca-r8-s0 [--params params.yaml]     # or --method arca --rank 8 --seed 0
+
+A permuted run (`arca_perm-r8-s0`, SPEC 3) is dumped like its signal's run: the same credit params, weights
+at the signal's own positions; its `method` column says `arca_perm` (the method the run was trained with).
 
 When `model.dtype` resolves to a dtype other than float32 (bf16 on a GPU), every precision-sensitive signal
 is recomputed in float32 on the same rollouts and checkpoint and written as `a32_<signal>` (SPEC 2b); the
@@ -21,14 +24,14 @@ import pandas as pd
 import torch
 
 from arca.dump import a32_signals, dump_schema, float32_saliences, signal_weights, token_table
-from arca.grading import math_reward
+from arca.grading import GRADERS
 from arca.io import read_json, write_parquet
 from arca.models import resolve_dtype
 from arca.rollouts import generate
 from arca.signals import SIGNAL_NAMES
 from stages.common import check_engine, load_params, section
 from stages.credit_params import credit_config
-from stages.runs import load_base_model, params_hash, run_id, snapshots, vllm_sampler, with_adapter
+from stages.runs import load_base_model, params_hash, parse_run_id, run_id, snapshots, vllm_sampler, with_adapter
 
 log = logging.getLogger("stages.dump")
 
@@ -36,7 +39,7 @@ log = logging.getLogger("stages.dump")
 def dump_run(run: str, meta: dict, params: dict, checked: list[str], engine: str = "hf") -> pd.DataFrame:
     """Every checkpoint's token table; `checked` lists the signals that also get `a32_` columns. `engine` samples
     the rollouts (`hf` or `vllm`); the signals are computed by the HF model on the sampled tokens either way."""
-    dump, credit = section(params, "dump"), credit_config(params, meta["method"])
+    dump, credit = section(params, "dump"), credit_config(params, meta["method"])  # `arca_perm`: ARCA's params
     train = section(params, "train")
     model_params = section(params, "model")
     probe = pd.read_parquet("data/prepared/probe.parquet")
@@ -50,10 +53,15 @@ def dump_run(run: str, meta: dict, params: dict, checked: list[str], engine: str
         "greedy": False,
         "max_new_tokens": train["max_completion_length"],
         "temperature": temperature,
+        # The run's own sampling filter: probes measured on another distribution than the one trained on
+        # would inflate the tail tokens' surprisal (top-p 0.95 in the GPU profiles).
+        "top_p": 1.0 if train.get("top_p") is None else train["top_p"],
+        "top_k": 0 if train.get("top_k") is None else train["top_k"],
         "seed": dump.get("seed", 0),
         "batch_size": batch_size,
         "chat_template_kwargs": model_params.get("chat_template_kwargs"),
     }
+    grade = GRADERS[train.get("grader", "math_verify")]  # rewards and advantages as the run's training saw them
     tables = []
     for step, adapter_dir in snapshots(Path("data/runs") / run).items():
         model = with_adapter(base, adapter_dir)
@@ -62,7 +70,7 @@ def dump_run(run: str, meta: dict, params: dict, checked: list[str], engine: str
         else:
             rollouts = sampler.generate(tokenizer, prompts, adapter_dir=adapter_dir, **sampling)
         rewards = torch.tensor(
-            [math_reward(t, answers[i]) for i, t in zip(rollouts.prompt_index.tolist(), rollouts.texts)]
+            [grade(t, answers[i]) for i, t in zip(rollouts.prompt_index.tolist(), rollouts.texts)]
         )
         weights = signal_weights(model, rollouts, credit, SIGNAL_NAMES, batch_size, temperature)
         # The float32 truth of the same tokens: no new rollouts, the checkpoint's weights upcast in place.
@@ -74,19 +82,22 @@ def dump_run(run: str, meta: dict, params: dict, checked: list[str], engine: str
 
 
 @click.command()
-@click.option("--method", required=True)
-@click.option("--rank", required=True, type=int)
-@click.option("--seed", required=True, type=int)
+@click.option("--run", "run", default=None, help="run id, a key of study.runs (or give --method, --rank, --seed)")
+@click.option("--method", default=None, help="the run's method label (arca, arca_perm, ...)")
+@click.option("--rank", default=None, type=int)
+@click.option("--seed", default=None, type=int)
 @click.option("--params", "params_path", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
-def main(method: str, rank: int, seed: int, params_path: str) -> None:
+def main(run: str | None, method: str | None, rank: int | None, seed: int | None, params_path: str) -> None:
     params = load_params(params_path)
     for key in ("samples",):
         value = section(params, "dump").get(key)
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"params.yaml: dump.{key} must be a positive int, got {value!r}")
-    credit_config(params, method)  # bad credit params fail here, before any model loads
+    if run is None and None in (method, rank, seed):
+        raise click.UsageError("give --run <run id>, or --method, --rank and --seed")
+    run = run or run_id(method, rank, seed)
+    credit_config(params, parse_run_id(run)[0])  # bad credit params fail here, before any model loads
     engine = check_engine(params, "dump")
-    run = run_id(method, rank, seed)
     budget = read_json(Path("data/runs") / run / "budget.json")
     meta = {"run": run, "method": budget["method"], "rank": budget["rank"], "seed": budget["seed"]}
     dtype = resolve_dtype(section(params, "model").get("dtype", "auto"))
@@ -97,7 +108,7 @@ def main(method: str, rank: int, seed: int, params_path: str) -> None:
     phash = params_hash(
         budget.get("params_md5"),
         {k: model.get(k) for k in ("dtype", "chat_template_kwargs")},
-        {k: train.get(k) for k in ("max_completion_length", "temperature")},
+        {k: train.get(k) for k in ("max_completion_length", "temperature", "top_p", "top_k", "grader")},
         params.get("credit"),
         params.get("dump"),
     )

@@ -1,7 +1,7 @@
 """Stage `evaluate@<run>` / `evaluate_base`: held-out accuracy (pass@1 greedy; mean@k and pass@k over k samples)
 of one run's final adapter, or of the base model, graded by math-verify and by the paper's `exact` grader.
 
-    python -m stages.evaluate --method arca --rank 8 --seed 0     # a trained run
+    python -m stages.evaluate --run arca-r8-s0                    # a trained run (= --method arca --rank 8 --seed 0)
     python -m stages.evaluate --base                              # the base model
 
 Params `evaluate`: k, max_new_tokens, batch_size, temperature, seed, primary, `top_p` / `top_k` (null:
@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from arca.evaluation import evaluate, summarize
 from arca.io import write_json, write_parquet
 from stages.common import check_engine, load_params, section
-from stages.runs import BASE_DIR, load_base_model, run_id, vllm_sampler, with_adapter
+from stages.runs import BASE_DIR, load_base_model, parse_run_id, run_id, vllm_sampler, with_adapter
 
 OUT = Path("data/eval")
 
@@ -65,20 +65,25 @@ def check(block: dict) -> None:
 
 
 @click.command()
-@click.option("--method")
+@click.option("--run", "run", default=None, help="run id, a key of study.runs (or give --method, --rank, --seed)")
+@click.option("--method", help="the run's method label (arca, arca_perm, ...)")
 @click.option("--rank", type=int)
 @click.option("--seed", type=int)
 @click.option("--base", "is_base", is_flag=True, help="evaluate the base model (no adapter)")
 @click.option("--params", "params_path", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
-def main(method: str | None, rank: int | None, seed: int | None, is_base: bool, params_path: str) -> None:
+def main(
+    run: str | None, method: str | None, rank: int | None, seed: int | None, is_base: bool, params_path: str
+) -> None:
     params = load_params(params_path)
     block, model_params = section(params, "evaluate"), section(params, "model")
     check(block)
     engine = check_engine(params, "evaluate")
     if block.get("primary") not in (None, *section(section(params, "data"), "eval")):
         raise ValueError(f"params.yaml: evaluate.primary must name one of data.eval's sets, got {block['primary']!r}")
+    if run is not None and not is_base:
+        method, rank, seed = parse_run_id(run)  # the schema keeps every run id <method>-r<rank>-s<seed>
     if not is_base and None in (method, rank, seed):
-        raise click.UsageError("give --method, --rank and --seed, or --base")
+        raise click.UsageError("give --run, or --method, --rank and --seed, or --base")
     run = "base" if is_base else run_id(method, rank, seed)
     adapter = None if is_base else Path("data/runs") / run / "adapter"
     if adapter is not None and not (adapter / "adapter_config.json").is_file():

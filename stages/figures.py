@@ -2,7 +2,9 @@
 
 Run from the repository root: `python -m stages.figures [--params params.yaml]`. Reads
 `data/dumps/*.parquet`, `data/diagnostics/trajectories.parquet`, `data/runs/*/{log.tsv,budget.json}` and,
-where present, `data/eval/*.json`.
+where present, `data/eval/*.json` and `data/faithfulness/<run>/{scores,effects}.parquet` (the lift figure, and
+boxes on the decisive tokens of the heatmaps) and `data/degeneration/degeneration.parquet` (the degeneration
+map, SPEC 10: Gini against KL(pi_c || pi_ref)).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import yaml
 
+from arca.analysis.degeneration_report import degeneration_figure
+from arca.analysis.faithfulness_figure import faithfulness_figure
 from arca.figures import lorenz_figure, regime_map, training_curves
 from arca.heatmap import heatmap_pages, heatmap_png
 
@@ -26,6 +30,8 @@ DUMPS = Path("data/dumps")
 TRAJECTORIES = Path("data/diagnostics/trajectories.parquet")
 RUNS = Path("data/runs")
 EVALS = Path("data/eval")
+FAITHFULNESS = Path("data/faithfulness")  # <run>/scores.parquet, <run>/effects.parquet (SPEC 9)
+DEGENERATION = Path("data/degeneration/degeneration.parquet")  # the degeneration map (SPEC 10)
 FIGURES = Path("results/figures")
 PLOTS = Path("results/plots")
 # Columns the Lorenz curves need from every dump; the heatmap run is read in full.
@@ -157,6 +163,11 @@ def main(params_path: Path) -> None:
     lorenz_figure(dumps, FIGURES / "lorenz.png", by=params.lorenz_by, phases=phases)
     regime_map(traj, FIGURES / "regime_map.png", params.etr_uniform, params.etr_concentrated, seed=params.seed)
     training_curves(read_logs(), FIGURES / "training_curves.png", PLOTS / "training_curves.csv", read_evals())
+    scores = sorted(FAITHFULNESS.glob("*/scores.parquet"))
+    if scores:  # every profile lists at least one run in faithfulness.runs; a figure only where one ran
+        faithfulness_figure(pd.concat(map(pd.read_parquet, scores), ignore_index=True), FIGURES / "faithfulness.png")
+    if DEGENERATION.is_file():  # SPEC 10: Gini against KL(pi_c || pi_ref), one panel per run
+        degeneration_figure(pd.read_parquet(DEGENERATION), FIGURES / "degeneration.png")
 
     run = pick_heatmap_run(dumps, params.heatmap_run)
     run_paths = [p for p in paths if p.stem == run]
@@ -165,7 +176,11 @@ def main(params_path: Path) -> None:
             f"figures.heatmap_run: no dump {DUMPS}/{run}.parquet; have {[p.stem for p in paths]}"
         )
     run_dump = pd.read_parquet(run_paths[0])
-    pages = heatmap_pages(run_dump, FIGURES / "heatmaps", run, max_prompts=params.heatmap_prompts, seed=params.seed)
+    effects_path = FAITHFULNESS / run / "effects.parquet"
+    effects = pd.read_parquet(effects_path) if effects_path.is_file() else None  # boxes the decisive tokens
+    pages = heatmap_pages(
+        run_dump, FIGURES / "heatmaps", run, max_prompts=params.heatmap_prompts, seed=params.seed, effects=effects
+    )
     heatmap_png(run_dump, FIGURES / "heatmaps.png", run, max_prompts=params.heatmap_prompts, seed=params.seed)
     log.info("wrote figures for %d runs, %d heatmap pages of run %s", dumps["run"].nunique(), len(pages), run)
 

@@ -8,8 +8,10 @@
 Counts are exact for rollouts and upper bounds for tokens (every completion at its max length): training
 (steps x prompts x completions per run), the per-token dumps (probe prompts x samples at every saved snapshot)
 and evaluation (greedy + k samples per problem, base model included). GPU-hours = tokens / throughput on one
-GPU, with two figures that bench/gpu_check.py measures: a whole training step's generated tokens per second
-(generation, scoring passes, backward) for `train`, and generation alone for `dump` and `evaluate`. Left out:
+GPU, with three figures that bench/gpu_check.py measures: a whole training step's generated tokens per second
+(generation, scoring passes, backward) for `train`, generation alone (LoRA unmerged, as TRL and the dump sample)
+for `dump`, and greedy decoding with the adapter merged into a copy (what `arca.evaluation` decodes with) for
+`evaluate`. Left out:
 the dumps' scoring passes, base-model download, prepare, diagnose, tables and figures (minutes, CPU).
 """
 
@@ -31,14 +33,20 @@ SPLIT_ROWS = {"train": 7500, "test": 5000, "math500": 500}
 # step) -> ~1,300 tokens/s, less the training passes; evaluation batches of 64 -> ~2,500.
 DEFAULT_TRAIN_TOKENS_PER_S = 1000.0
 DEFAULT_GENERATE_TOKENS_PER_S = 2000.0
+# Evaluation decodes with the LoRA merged (arca.sampling.merged): per step the model then launches the base model's
+# kernels only, not ~4-6 more per LoRA module (196 modules on Qwen3-1.7B, ~as many as the base's own per token),
+# so a host-bound decode takes about half the time: an estimate, until gpu_check measures it.
+DEFAULT_EVALUATE_TOKENS_PER_S = 2 * DEFAULT_GENERATE_TOKENS_PER_S
 
 
 @dataclass(frozen=True)
 class Throughput:
-    """Generated tokens per second on one GPU: in a whole training step, and in generation alone."""
+    """Generated tokens per second on one GPU: in a whole training step, in generation alone (unmerged LoRA), and
+    in evaluation's decoding (merged LoRA)."""
 
     train: float = DEFAULT_TRAIN_TOKENS_PER_S
     generate: float = DEFAULT_GENERATE_TOKENS_PER_S
+    evaluate: float = DEFAULT_EVALUATE_TOKENS_PER_S
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,8 @@ class StageCost:
     tokens: int
 
     def gpu_hours(self, rate: Throughput) -> float:
-        return self.tokens / (rate.train if self.stage == "train" else rate.generate) / 3600
+        per_s = {"train": rate.train, "evaluate": rate.evaluate}.get(self.stage, rate.generate)
+        return self.tokens / per_s / 3600
 
 
 def snapshot_steps(max_steps: int, save_steps: int) -> list[int]:
@@ -102,18 +111,24 @@ def format_plan(params: dict[str, Any], costs: list[StageCost], rate: Throughput
     total = sum(c.gpu_hours(rate) for c in costs)
     rows.append(f"{'total':<10}{'':>6}{sum(c.rollouts for c in costs):>12,}{total_tokens:>16,}{total:>11.1f}")
     foot = (
-        f"at {rate.train:,.0f} generated tokens/s per GPU in training, {rate.generate:,.0f} in generation alone "
-        "(--train-tokens-per-s / --generate-tokens-per-s, or --gpu-check with bench/gpu_check.py's JSON)"
+        f"at {rate.train:,.0f} generated tokens/s per GPU in training, {rate.generate:,.0f} in generation alone, "
+        f"{rate.evaluate:,.0f} in evaluation (adapter merged) (--train-tokens-per-s / --generate-tokens-per-s / "
+        "--evaluate-tokens-per-s, or --gpu-check with bench/gpu_check.py's JSON)"
     )
     return "\n".join([head, *rows, foot])
 
 
-def throughput(train: float | None, generate: float | None, gpu_check: str | None) -> Throughput:
-    """The figures to plan with: the options, else what bench/gpu_check.py measured, else the defaults."""
+def throughput(
+    train: float | None, generate: float | None, gpu_check: str | None, evaluate: float | None = None
+) -> Throughput:
+    """The figures to plan with: the options, else what bench/gpu_check.py measured, else the defaults (an older
+    gpu_check JSON without the evaluation figure: twice its generation figure, as the defaults assume)."""
     measured = json.loads(Path(gpu_check).read_text()) if gpu_check else {}
+    generate = generate or measured.get("generate_tokens_per_s", DEFAULT_GENERATE_TOKENS_PER_S)
     return Throughput(
         train=train or measured.get("train_tokens_per_s", DEFAULT_TRAIN_TOKENS_PER_S),
-        generate=generate or measured.get("generate_tokens_per_s", DEFAULT_GENERATE_TOKENS_PER_S),
+        generate=generate,
+        evaluate=evaluate or measured.get("evaluate_tokens_per_s", 2 * generate),
     )
 
 
@@ -123,6 +138,7 @@ def throughput(train: float | None, generate: float | None, gpu_check: str | Non
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--train-tokens-per-s", "train_rate", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--generate-tokens-per-s", "generate_rate", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--evaluate-tokens-per-s", "evaluate_rate", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--gpu-check", type=click.Path(exists=True, dir_okay=False), help="JSON of `bench.gpu_check --json`")
 def main(
     profile: str | None,
@@ -131,6 +147,7 @@ def main(
     train_rate: float | None,
     generate_rate: float | None,
     gpu_check: str | None,
+    evaluate_rate: float | None,
 ) -> None:
     if profile is None and overrides:
         raise click.UsageError("-S needs --profile (the active params.yaml is planned as it is)")
@@ -140,7 +157,7 @@ def main(
         from stages.profile import compose
 
         params, source = compose(profile, overrides), f"conf/profile/{profile}.yaml"
-    rate = throughput(train_rate, generate_rate, gpu_check)
+    rate = throughput(train_rate, generate_rate, gpu_check, evaluate_rate)
     click.echo(format_plan(params, plan(params), rate, source))
 
 

@@ -1,4 +1,5 @@
-"""Stage `prepare`: MATH (and the easy arithmetic training source) into prompt tables (chat messages or raw text).
+"""Stage `prepare`: MATH and the synthetic sources (one-digit additions, multi-step `reasoning`) into prompt
+tables (chat messages or raw text).
 
     python -m stages.prepare [--params params.yaml] [--out data/prepared]
 
@@ -6,6 +7,8 @@ Writes train.parquet, eval.parquet (column `eval_set`), probe.parquet (the fixed
 and metrics/prepare.json (row counts, including rows dropped for lack of a boxed reference answer).
 
 Params (all validated before any data loads; errors name the key and the fix):
+- `data.train.source`: `math`, or a synthetic source (`SYNTHETIC`: `arithmetic`, `reasoning`), whose eval set
+  `data.eval.<source>: {n}` is drawn in the same seeded draw after the training problems, so it is held out.
 - `data.train.n`: problems to train on; null = every usable problem (MATH only).
 - `data.eval.<set>.split` (MATH sets): `math500` (the 500-problem subset) or `test` (the full 5,000-problem
   test split). Absent: `math500` for `data.source: embedded`, the source's `test` split for `path` and `hub`.
@@ -27,10 +30,13 @@ from arca.arithmetic import arithmetic_problems
 from arca.data import SELECTIONS, filter_problems, load_embedded, load_hub, load_math_path, normalize_table
 from arca.io import write_json, write_parquet
 from arca.prompts import PROBLEM_FIELD, build_prompt, raw_prompt
+from arca.tasks.reasoning import reasoning_problems
 from stages.common import load_params, section
 
 SOURCES = ("embedded", "path", "hub")
-TRAIN_SOURCES = ("arithmetic", "math")
+# Seeded generated sources: name -> f(n, seed=...) -> problem table; each name is also an eval set (`data.eval.<name>`).
+SYNTHETIC = {"arithmetic": arithmetic_problems, "reasoning": reasoning_problems}
+TRAIN_SOURCES = ("arithmetic", "math", "reasoning")
 EVAL_SPLITS = ("math500", "test")
 PROMPT_FORMATS = ("chat", "raw")
 _FILTERS = ("levels", "subjects", "max_answer_chars")
@@ -102,7 +108,7 @@ def check_params(data: dict, prompt: dict | None = None) -> None:
     if train.get("source") not in TRAIN_SOURCES:
         raise ValueError(f"params.yaml: data.train.source must be one of {TRAIN_SOURCES}, got {train.get('source')!r}")
     blocks = [("data.train", train, train["source"] == "math")]
-    blocks += [(f"data.eval.{k}", v, k != "arithmetic") for k, v in section(data, "eval").items()]
+    blocks += [(f"data.eval.{k}", v, k not in SYNTHETIC) for k, v in section(data, "eval").items()]
     for key, block, is_math in blocks:
         if not isinstance(block, dict):
             raise ValueError(f"params.yaml: {key} must be a mapping (n, levels, subjects, ...), got {block!r}")
@@ -168,30 +174,41 @@ def with_prompts(df: pd.DataFrame, prompt: dict) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def synthetic_pool(name: str, n_train: int, n_eval: int, seed: int, exclude: set[str]) -> pd.DataFrame:
+    """The first `n_train` + `n_eval` problems of one seeded draw of source `name`, few-shot problems removed:
+    training takes the head and evaluation the rest, so the two never share a problem."""
+    n = n_train + n_eval
+    try:
+        pool = SYNTHETIC[name](n + len(exclude), seed=seed)
+    except ValueError as err:
+        asked = [(f"data.train.n ({n_train})", n_train), (f"data.eval.{name}.n ({n_eval})", n_eval)]
+        keys = " + ".join(key for key, count in asked if count)
+        raise ValueError(f"params.yaml: {keys} ask for too many {name} problems ({err}); lower them") from err
+    pool = pool[~pool["problem"].isin(exclude)].head(n)
+    return pool.assign(source_row=range(len(pool)))
+
+
 def build_tables(data: dict, prompt: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(train, eval, counts); few-shot problems are excluded from both so no answer leaks."""
     exclude = {s["problem"] for s in prompt.get("few_shot") or []}
     train_block, eval_blocks = data["train"], data["eval"]
     counts: dict[str, dict] = {}
-    arith_needed = train_block["source"] == "arithmetic" or "arithmetic" in eval_blocks
-    pool = pd.DataFrame()
-    if arith_needed:
-        n_arith = (train_block["n"] if train_block["source"] == "arithmetic" else 0) + eval_blocks.get(
-            "arithmetic", {}
-        ).get("n", 0)
-        pool = arithmetic_problems(n_arith + len(exclude), seed=train_block.get("seed", 0))
-        pool = pool[~pool["problem"].isin(exclude)].head(n_arith)
-        pool = pool.assign(source_row=range(len(pool)))
-    if train_block["source"] == "arithmetic":
-        train = pool.head(train_block["n"])
-        pool = pool.iloc[train_block["n"] :]
+    pools = {}
+    for name in SYNTHETIC:
+        n_train = train_block["n"] if train_block["source"] == name else 0
+        n_eval = eval_blocks.get(name, {}).get("n", 0)
+        if n_train or n_eval:
+            pools[name] = synthetic_pool(name, n_train, n_eval, train_block.get("seed", 0), exclude)
+    if train_block["source"] in SYNTHETIC:
+        train = pools[train_block["source"]].head(train_block["n"])
     else:
         train, counts["math_train"] = normalize_table(load_math(data, "train"))
         train = select(train, train_block, exclude, "data.train", "MATH train")
     evals = []
     for name, block in sorted(eval_blocks.items()):
-        if name == "arithmetic":
-            part = pool.head(block["n"]).assign(split="test")
+        if name in SYNTHETIC:
+            n_train = train_block["n"] if train_block["source"] == name else 0
+            part = pools[name].iloc[n_train : n_train + block["n"]].assign(split="test")
         else:
             split = eval_split(data, block)
             part, counts[f"{name}_test"] = normalize_table(load_math(data, "test", split))

@@ -12,12 +12,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from arca.models import resolve_dtype
+from stages.common import parse_run_id, run_id  # noqa: F401  (re-exported: the stages name runs here)
 
 BASE_DIR = Path("data/models/base")
-
-
-def run_id(method: str, rank: int, seed: int) -> str:
-    return f"{method}-r{rank}-s{seed}"
 
 
 def snapshots(run_dir: Path) -> dict[int, Path]:

@@ -48,10 +48,22 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 Select = Literal["sample", "first"]
 
 
+PERMUTED_SUFFIX = "_perm"  # arca.credit_config.PERMUTED_SUFFIX: a permuted run's method label, `arca_perm`
+FALLBACKS = ("raw_mean", "sharpened_sum")  # arca.credit.FALLBACKS
+Fallback = Literal["raw_mean", "sharpened_sum"]
+
+
 class Run(Strict):
     method: Method
     rank: PositiveInt
     seed: Count
+    permute: bool = False  # SPEC 3's permutation control; absent = false
+
+    @model_validator(mode="after")
+    def _permute_needs_a_salience(self) -> Run:
+        if self.permute and self.method == "uniform":
+            raise ValueError("permute: true needs a salience method; uniform weights are all 1 (drop permute)")
+        return self
 
 
 class Study(Strict):
@@ -60,9 +72,12 @@ class Study(Strict):
     @model_validator(mode="after")
     def _ids_name_their_cell(self) -> Study:
         for run_id, run in self.runs.items():
-            expected = f"{run.method}-r{run.rank}-s{run.seed}"
-            if run_id != expected:  # dvc.yaml writes data/runs/<method>-r<rank>-s<seed> under stage train@<id>
-                raise ValueError(f"run id {run_id!r} must be {expected!r} (<method>-r<rank>-s<seed>)")
+            label = f"{run.method}{PERMUTED_SUFFIX if run.permute else ''}"
+            expected = f"{label}-r{run.rank}-s{run.seed}"
+            if run_id != expected:  # dvc.yaml names stages and paths by the id (`${key}`) and derives the cell from it
+                raise ValueError(
+                    f"run id {run_id!r} must be {expected!r} (<method>[{PERMUTED_SUFFIX} if permute]-r<rank>-s<seed>)"
+                )
         return self
 
 
@@ -82,7 +97,7 @@ class Model(Strict):
 
 
 class TrainData(Strict):
-    source: Literal["arithmetic", "math"]
+    source: Literal["arithmetic", "math", "reasoning"]
     n: PositiveInt | None
     select: Select
     levels: list[Annotated[int, Field(ge=1, le=5)]] | None
@@ -92,6 +107,10 @@ class TrainData(Strict):
 
 
 class ArithmeticEval(Strict):
+    n: PositiveInt
+
+
+class ReasoningEval(Strict):
     n: PositiveInt
 
 
@@ -108,6 +127,7 @@ class MathEval(Strict):
 class EvalData(Strict):
     arithmetic: ArithmeticEval | None = None
     math: MathEval | None = None
+    reasoning: ReasoningEval | None = None
 
 
 class Probe(Strict):
@@ -182,6 +202,7 @@ class Train(Strict):
     vllm_mode: Literal["colocate", "server"]
     vllm_importance_sampling_correction: bool
     gradient_checkpointing: bool
+    device: Literal["auto", "cuda", "cpu"]
     num_processes: PositiveInt
     launcher: str
 
@@ -198,6 +219,7 @@ class MethodCredit(Strict):
     salience_dropout: bool | None = None
     reference: Literal["matched", "reuse"] | None = None
     layer: int | None = None
+    fallback: Fallback | None = None
     top_entropy_quantile: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
@@ -212,6 +234,7 @@ class Credit(Strict):
     reference: Literal["matched", "reuse"]
     salience_dropout: bool
     top_entropy_quantile: Annotated[float, Field(gt=0, le=1)]
+    fallback: Fallback
     methods: dict[Method, MethodCredit]
 
     @model_validator(mode="after")
@@ -250,8 +273,26 @@ class Evaluate(Strict):
     top_k: Count | None
     seed: int
     batch_size: PositiveInt
-    primary: Literal["arithmetic", "math"]
+    primary: Literal["arithmetic", "math", "reasoning"]
     engine: Literal["hf", "vllm"]
+
+
+class Faithfulness(Strict):
+    """SPEC 9: counterfactual token effects on the probe completions of `runs` (ids of study.runs)."""
+
+    runs: Annotated[list[str], Field(min_length=1)]
+    steps: Literal["final"] | Annotated[list[Count], Field(min_length=1)]
+    max_positions: PositiveInt
+    batch_size: PositiveInt
+    seed: int
+
+
+class Degeneration(Strict):
+    """SPEC 10: every run's final adapter scaled by each of `scales` on its own probe completions."""
+
+    scales: Annotated[list[NonNegative], Field(min_length=1)]
+    batch_size: PositiveInt
+    runs: Annotated[list[str], Field(min_length=1)] | None  # null: every run of study.runs
 
 
 class Figures(Strict):
@@ -273,6 +314,8 @@ class Params(Strict):
     dump: Dump
     diagnostics: Diagnostics
     evaluate: Evaluate
+    faithfulness: Faithfulness
+    degeneration: Degeneration
     figures: Figures
 
     @model_validator(mode="after")
@@ -282,6 +325,12 @@ class Params(Strict):
         run = self.figures.heatmap_run
         if run is not None and run not in self.study.runs:
             raise ValueError(f"figures.heatmap_run {run!r} is not a run of study.runs")
+        unknown = [r for r in self.faithfulness.runs if r not in self.study.runs]
+        if unknown:
+            raise ValueError(f"faithfulness.runs {unknown} are not runs of study.runs: {', '.join(self.study.runs)}")
+        unknown = [r for r in self.degeneration.runs or [] if r not in self.study.runs]
+        if unknown:
+            raise ValueError(f"degeneration.runs {unknown} are not runs of study.runs: {', '.join(self.study.runs)}")
         per_step = self.train.prompts_per_step * self.train.num_generations
         split = self.train.gradient_accumulation_steps * self.train.num_processes
         if per_step % split:

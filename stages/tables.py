@@ -6,7 +6,11 @@ run ids, the md5 (as in dvc.lock) of the adapter or dump it came from, and the g
 Tables: accuracy (95% intervals over problems, spread over seeds, paired difference to uniform: arca.stats;
 the CSV holds the numbers, Markdown and LaTeX the formatted cells), concentration (noise-dominated signals
 marked when a run is low-precision), agreement, and noise (SPEC 2b: each signal's rounding noise against
-float32; one line saying so when every run is float32).
+float32; one line saying so when every run is float32), and training (the ARCA paper's columns per run:
+mean train reward, Gini and EffN/T over every logged step, from each run's metrics.json and log.tsv), and
+faithfulness (SPEC 9: auc, lift, top_hit of every signal and its permutation control, from
+data/faithfulness/*/scores.parquet), and degeneration (SPEC 10: every signal's concentration against the adapter
+scale c, from data/degeneration/degeneration.parquet).
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from pathlib import Path
 import click
 import pandas as pd
 
+from arca.analysis.degeneration_report import NOTE as DEGENERATION_NOTE
+from arca.analysis.degeneration_report import degeneration_table
+from arca.analysis.faithfulness_table import FAITHFULNESS_FOOTNOTE, faithfulness_cells, ordered
+from arca.analysis.training_table import TRAINING_FOOTNOTE, training_cells, training_table
 from arca.io import read_json, write_json, write_text
 from arca.lineage import dvc_md5, git_revision
 from arca.tables import (
@@ -78,6 +86,16 @@ def read_budgets() -> pd.DataFrame:
     )
 
 
+def read_training() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(metrics, logs, budgets) of every trained run: data/runs/<run>/{metrics.json, log.tsv, budget.json}."""
+    dirs = sorted(p.parent for p in Path("data/runs").glob("*/metrics.json"))
+    metrics = pd.DataFrame([read_json(d / "metrics.json") | {"run": d.name} for d in dirs])
+    budgets = pd.DataFrame([read_json(d / "budget.json") | {"run": d.name} for d in dirs])
+    budgets = budgets.reindex(columns=["run", "rollouts", "generations"])  # identity columns come from metrics
+    logs = [pd.read_csv(d / "log.tsv", sep="\t").assign(run=d.name) for d in dirs if (d / "log.tsv").is_file()]
+    return metrics, pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=["run"]), budgets
+
+
 def lineage(runs: list[str]) -> pd.DataFrame:
     rows = []
     for run in runs:
@@ -90,6 +108,19 @@ def lineage(runs: list[str]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=["run", "adapter_md5", "dump_md5"])
+
+
+def read_faithfulness(lin: pd.DataFrame) -> pd.DataFrame:
+    """Every data/faithfulness/<run>/scores.parquet (SPEC 9, one row per signal x step), with the run's adapter
+    and dump md5 and the md5 of its faithfulness output (as in dvc.lock); empty when no run has one."""
+    frames = [pd.read_parquet(p) for p in sorted(Path("data/faithfulness").glob("*/scores.parquet"))]
+    if not frames:
+        return pd.DataFrame(columns=["signal", "run", "step"])
+    scores = pd.concat(frames, ignore_index=True)
+    extra = lineage(sorted(set(scores["run"]) - set(lin["run"])))
+    md5 = {run: dvc_md5(Path("data/faithfulness") / run) for run in sorted(set(scores["run"]))}
+    scores = scores.merge(pd.concat([lin, extra], ignore_index=True), on="run", how="left")
+    return ordered(scores.assign(faithfulness_md5=scores["run"].map(md5)))
 
 
 def write_table(
@@ -148,6 +179,37 @@ def main(params_path: str) -> None:
     for name, (df, caption) in tables.items():
         note = NOISE_FOOTNOTE if "noise_dominated" in df.columns else None
         write_table(name, df.assign(git_rev=rev), caption, note, empty=NO_LOW_PRECISION if name == "noise" else None)
+    training = training_table(*read_training()).merge(lin[["run", "adapter_md5"]], on="run", how="left")
+    write_table(
+        "training",
+        training_cells(training).merge(lin[["run", "adapter_md5"]], on="run", how="left").assign(git_rev=rev),
+        "Training per run, the ARCA paper's columns: mean train reward, Gini and EffN/T (= ETR) over every logged "
+        "step, and the fallback share",
+        TRAINING_FOOTNOTE,
+        csv=training.round(6).assign(git_rev=rev),
+    )
+    faithfulness = read_faithfulness(lin)
+    write_table(
+        "faithfulness",
+        (faithfulness_cells(faithfulness) if len(faithfulness) else faithfulness).assign(git_rev=rev),
+        "Counterfactual faithfulness per signal x run x step: does the weight sit on the tokens whose change flips "
+        "the reward? (95% bootstrap intervals over completions; permuted rows are the chance controls)",
+        FAITHFULNESS_FOOTNOTE,
+        empty="No faithfulness results: faithfulness.runs names no run with effects (SPEC 9).",
+        csv=faithfulness.round(6).assign(git_rev=rev),
+    )
+    degeneration_path = Path("data/degeneration/degeneration.parquet")
+    degeneration = pd.read_parquet(degeneration_path) if degeneration_path.is_file() else pd.DataFrame()
+    cells = degeneration_table(degeneration, lin) if len(degeneration) else degeneration
+    write_table(
+        "degeneration",
+        cells.assign(git_rev=rev),
+        "The degeneration map (SPEC 10): concentration of every signal against adapter size, each LoRA update "
+        "times c, on the run's own probe completions at its final checkpoint",
+        DEGENERATION_NOTE,
+        empty="No degeneration map: data/degeneration/degeneration.parquet is missing (run the degeneration stage).",
+        csv=(degeneration.round(8).merge(lin, on="run", how="left") if len(degeneration) else cells).assign(git_rev=rev),
+    )
     write_json("metrics/accuracy.json", run_accuracy(scores))
 
 

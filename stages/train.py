@@ -1,7 +1,12 @@
 """Train one LoRA-GRPO run with one credit method; resumes from the run's last checkpoint if there is one.
 
-    python -m stages.train --method arca --rank 8 --seed 0 [--params params.yaml] [--out data/runs/arca-r8-s0]
+    python -m stages.train --run arca-r8-s0 [--params params.yaml] [--out data/runs/arca-r8-s0]
         [--checkpoints data/checkpoints/arca-r8-s0]
+    python -m stages.train --method arca --rank 8 --seed 0 ...      # the same run, named by its parts
+
+`--run` is a key of `study.runs` (what dvc.yaml passes): `<method>[_perm]-r<rank>-s<seed>`, where `_perm` marks
+the permutation control (SPEC 3: the run's cell has `permute: true`, which the params schema ties to the id), so
+a change of `permute` is a change of the run id, i.e. another train cell.
 
 TRL checkpoints go to `--checkpoints`, outside the run's DVC outputs: untracked (never pushed, never a dep of
 `tables`/`figures`), and kept across reruns, so a killed or preempted run resumes from them.
@@ -17,13 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
-from arca.credit_config import METHOD_FIELDS
-from stages.common import check_layer, load_params, section
+from arca.credit_config import METHOD_FIELDS, split_run_method
+from stages.common import check_layer, load_params, parse_run_id, run_id, section
 from stages.credit_params import method_credit_config
 
 MODEL_DIR = Path("data/models/base")
@@ -53,6 +59,7 @@ TRAIN_KEYS = (
     "max_grad_norm",
     "weight_decay",
     "max_prompt_length",
+    "device",
 )
 # Other `train:` keys this stage accepts: `num_processes` (checked against the launched WORLD_SIZE) and `launcher`
 # (the command dvc.yaml starts the stage with; DVC reads it, the stage does not).
@@ -101,13 +108,22 @@ def _alpha_per_rank(lora: dict[str, Any], rank: int) -> float:
 
 
 def settings_from_params(
-    params: dict[str, Any], method: str, rank: int, seed: int, out: Path, checkpoints: Path | None = None
+    params: dict[str, Any],
+    method: str,
+    rank: int,
+    seed: int,
+    out: Path,
+    checkpoints: Path | None = None,
+    permute: bool = False,
 ):
-    """(`TrainSettings`, `CreditConfig`) from params.yaml, validated; no model or data is touched."""
+    """(`TrainSettings`, `CreditConfig`) from params.yaml, validated; no model or data is touched. `permute` is
+    the run's own option (its `study.runs` cell), not a credit key."""
     from arca.train_settings import SettingError, TrainSettings
 
     params = with_numbers(params)
     credit = method_credit_config(params, method)
+    if permute:
+        credit = replace(credit, permute=True)
     lora, train = section(params, "lora"), section(params, "train")
     model = params.get("model") or {}
     fields: dict[str, Any] = {k: train[k] for k in TRAIN_KEYS if k in train}
@@ -138,6 +154,17 @@ def settings_from_params(
     return settings, credit
 
 
+def check_device(device: str) -> None:
+    """`train.device: cuda` needs a usable CUDA device: checked before any model loads, in one line naming the
+    key, the torch build and the fix (a GPU profile must never fall back to a days-long CPU run)."""
+    from arca.train_settings import SettingError, resolve_device
+
+    try:
+        resolve_device(device)
+    except SettingError as err:
+        raise ValueError(f"params.yaml: train.device {err.detail}") from None
+
+
 def check_world_size(params: dict[str, Any]) -> None:
     """`train.num_processes` must be what the launcher started: dvc.yaml runs `${train.launcher} -m stages.train`,
     so a multi-process run is `accelerate launch --num_processes N ...` there, never a re-exec from inside this
@@ -153,28 +180,59 @@ def check_world_size(params: dict[str, Any]) -> None:
         )
 
 
+def resolve_run(
+    run: str | None, method: str | None, rank: int | None, seed: int | None
+) -> tuple[str, str, int, int, bool]:
+    """`(run id, method, rank, seed, permute)` from `--run` or from `--method/--rank/--seed` (the parts, if given
+    next to `--run`, must agree with it)."""
+    if run is None:
+        if method is None or rank is None:
+            raise click.UsageError("give --run <run id>, or --method and --rank (and --seed)")
+        seed = 0 if seed is None else seed
+        return run_id(method, rank, seed), method, rank, seed, False
+    try:
+        label, *parts = parse_run_id(run)
+        signal, permute = split_run_method(label)
+    except ValueError as err:
+        raise click.UsageError(f"--run: {err}") from None
+    for name, given, parsed in zip(("method", "rank", "seed"), (method, rank, seed), (signal, *parts)):
+        if given is not None and given != parsed:
+            raise click.UsageError(f"--{name} {given} disagrees with --run {run} ({parsed}); give one of them")
+    return run, signal, parts[0], parts[1], permute
+
+
 @click.command()
-@click.option("--method", required=True, help="credit method, one of arca.credit_config.METHODS")
-@click.option("--rank", required=True, type=int, help="LoRA rank")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--run", "run", default=None, help="run id, a key of study.runs (e.g. arca_perm-r8-s0)")
+@click.option("--method", default=None, help="credit method, one of arca.credit_config.METHODS")
+@click.option("--rank", default=None, type=int, help="LoRA rank")
+@click.option("--seed", default=None, type=int, help="default 0")
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
-@click.option(
-    "--out", default=None, type=click.Path(file_okay=False), help="default data/runs/<method>-r<rank>-s<seed>"
-)
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="default data/runs/<run id>")
 @click.option(
     "--checkpoints",
     default=None,
     type=click.Path(file_okay=False),
-    help="TRL checkpoints; default data/checkpoints/<method>-r<rank>-s<seed>",
+    help="TRL checkpoints; default data/checkpoints/<run id>",
 )
-def main(method: str, rank: int, seed: int, params_path: str, out: str | None, checkpoints: str | None) -> None:
+def main(
+    run: str | None,
+    method: str | None,
+    rank: int | None,
+    seed: int | None,
+    params_path: str,
+    out: str | None,
+    checkpoints: str | None,
+) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_world_size(load_params(params_path))
-    run = f"{method}-r{rank}-s{seed}"
+    run, method, rank, seed, permute = resolve_run(run, method, rank, seed)
     out_dir = Path(out) if out else Path("data/runs") / run
     checkpoint_dir = Path(checkpoints) if checkpoints else Path("data/checkpoints") / run
     try:
-        settings, credit = settings_from_params(load_params(params_path), method, rank, seed, out_dir, checkpoint_dir)
+        settings, credit = settings_from_params(
+            load_params(params_path), method, rank, seed, out_dir, checkpoint_dir, permute
+        )
+        check_device(settings.device)
         for path, what in ((MODEL_DIR, "base model directory"), (TRAIN_PATH, "train parquet")):
             if not path.exists():
                 raise ValueError(f"{what} {path} does not exist; run the stage that writes it first (dvc repro)")

@@ -1,5 +1,6 @@
 """Stage `validate`: the whole params.yaml against `stages.schema`, plus the checks that need the base model
-(ARCA's layer index) or the installed packages (vLLM), before any train cell runs.
+(ARCA's layer index), the installed packages (vLLM) or the machine (`train.device: cuda`), before any train
+cell runs.
 
     python -m stages.validate [--params params.yaml] [--model data/models/base] [--out data/params.valid]
 
@@ -33,6 +34,19 @@ def check_model(params, model_dir: Path) -> None:
             check_layer(block.layer, layers, f"credit.methods.{method}.layer")
 
 
+def check_device(params) -> None:
+    """`train.device: cuda` without a usable CUDA device fails here, before any train cell (and before torch
+    loads when the device is not cuda)."""
+    if params.train.device != "cuda":
+        return
+    from arca.train_settings import SettingError, resolve_device
+
+    try:
+        resolve_device(params.train.device)
+    except SettingError as err:
+        raise ValueError(f"params.yaml: train.device {err.detail}") from None
+
+
 def check_engines(raw: dict) -> None:
     """An engine that is not installed fails here, not after the train cells have run."""
     for section in ("dump", "evaluate"):
@@ -47,6 +61,7 @@ def main(params_path: str, model_dir: str, out: str) -> None:
     try:
         raw = load_params(params_path)
         params = validate(raw, params_path)
+        check_device(params)
         check_model(params, Path(model_dir))
         check_engines(raw)
     except (ParamsError, ValueError) as err:

@@ -195,3 +195,19 @@ def test_within_spearman_matches_pandas():
     want = frame.groupby("t").apply(lambda g: g["x"].rank().corr(g["y"].rank()), include_groups=False)
     np.testing.assert_allclose(rho[[0, 3]], want.to_numpy()[[0, 3]], rtol=1e-12)
     assert np.isnan(rho[1]) and np.isnan(rho[2])
+
+
+def test_fallback_flags_follow_the_credit_rule():
+    """Tiny saliences (raw mass between eps * T and ~sqrt(eps)) fall back only under the paper's rule, in the
+    trajectory table and in the noise table's float32 renormalization alike."""
+    dumps = _dumps()
+    dumps["a_kl"] = dumps["a_kl"] * 1e-7
+    raw = trajectory_table(dumps, ["kl"], [], sharpening=2.0)
+    sharp = trajectory_table(dumps, ["kl"], [], sharpening=2.0, fallback="sharpened_sum")
+    assert not raw["fallback"].any() and sharp["fallback"].all()
+    noisy = _noise_dumps()
+    noisy[["a_arca", "a32_arca"]] *= 1e-7
+    for rule, expected in (("raw_mean", 0.0), ("sharpened_sum", 1.0)):  # step 2: every row is tiny, none zero
+        credit = {"arca": CreditConfig("arca", sharpening=2.0, fallback=rule), "uniform": CreditConfig("uniform")}
+        mid = noise_table(noisy, credit).query("step == 2").iloc[0]
+        assert (mid.fallback_rate, mid.fallback_rate32) == (expected, expected), rule

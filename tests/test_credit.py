@@ -117,6 +117,50 @@ def test_sharpening_is_the_papers_square_then_sum_to_t():
     assert fallback.all() and (zero == 1).all()
 
 
+def paper_masked_normalize(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The ARCA paper's weights (PAPER.md "weights", `token_weights.masked_normalize` at d34239a), re-typed:
+    `(a + 1e-8)^2` on valid tokens, summing to 1; uniform when the sharpened sum is <= 1e-8."""
+    sharpened = (scores.double() + 1e-8) ** 2 * mask
+    total = sharpened.sum(-1, keepdim=True)
+    uniform = mask / mask.sum(-1, keepdim=True)
+    return torch.where(total <= 1e-8, uniform, sharpened / total.clamp_min(1e-30))
+
+
+# T = 4, eps = 1e-8: raw masses 0, 1e-6 (between eps * T = 4e-8 and ~sqrt(eps) = 1e-4) and 1 (normal).
+TINY_ROWS = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1e-6, 0.0, 0.0, 0.0], [0.4, 0.1, 0.3, 0.2]], dtype=torch.float64)
+
+
+def test_sharpened_sum_drops_tiny_saliences_that_raw_mean_keeps():
+    mask = torch.ones_like(TINY_ROWS, dtype=torch.bool)
+    raw_w, raw_fb = normalize(TINY_ROWS, mask, sharpening=2.0)
+    sharp_w, sharp_fb = normalize(TINY_ROWS, mask, sharpening=2.0, fallback="sharpened_sum")
+    assert raw_fb.tolist() == [True, False, False]  # the row of exact zeros falls back under both rules
+    assert sharp_fb.tolist() == [True, True, False]  # ... the tiny row only under the paper's
+    assert raw_w[1].max() > 3.9 and torch.equal(sharp_w[1], torch.ones(4))  # 1e-6 ~ 1e-6 + 1e-8 dominates its row
+    torch.testing.assert_close(raw_w[2], sharp_w[2], rtol=0, atol=0)
+    for rule, expected in (("raw_mean", raw_fb), ("sharpened_sum", sharp_fb)):
+        assert torch.equal(degenerate_rows(TINY_ROWS, mask, fallback=rule, sharpening=2.0), expected)
+    # p = 1: the scores are the raw saliences, tested against eps itself (not eps * T): mass 2e-8 falls back
+    # under raw_mean (<= 4e-8) and not under sharpened_sum (> 1e-8).
+    row, ones = torch.full((1, 4), 5e-9), torch.ones(1, 4)
+    assert degenerate_rows(row, ones).tolist() == [True]
+    assert degenerate_rows(row, ones, fallback="sharpened_sum").tolist() == [False]
+    with pytest.raises(ValueError, match=r"^fallback: unknown rule 'mean'"):
+        normalize(TINY_ROWS, mask, fallback="mean")
+
+
+def test_sharpened_sum_is_the_papers_masked_normalize():
+    torch.manual_seed(0)
+    scale = torch.tensor([[1.0], [1e-3], [1e-5], [1e-7], [0.0]], dtype=torch.float64)
+    scores = torch.rand(5, 6, dtype=torch.float64) * scale  # (5, 6): rows from ordinary to degenerate
+    mask = torch.ones(5, 6)
+    mask[1, 4:] = 0
+    ours, fallback = normalize(scores, mask, "mean", eps=1e-8, sharpening=2.0, fallback="sharpened_sum")
+    lengths = mask.sum(-1, keepdim=True)
+    torch.testing.assert_close(ours.double() / lengths, paper_masked_normalize(scores, mask), rtol=1e-6, atol=1e-9)
+    assert fallback.tolist() == [False, False, True, True, True]  # raw_mean would keep rows 2 and 3
+
+
 def test_softmax_temperature_limits():
     a = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
     mask = torch.ones_like(a, dtype=torch.bool)

@@ -148,6 +148,18 @@ def test_every_signal_has_its_own_color_in_spec_order(dumps):
     assert signals_in(dumps) == list(SIGNAL_NAMES)  # a32_ columns are no signals of their own
 
 
+def test_a_permuted_method_is_its_signals_color_lighter():
+    from matplotlib.colors import to_rgb
+
+    from arca.credit_config import PERMUTED_SUFFIX
+
+    for signal in SIGNAL_ORDER:
+        base, permuted = to_rgb(signal_color(signal)), to_rgb(signal_color(signal + PERMUTED_SUFFIX))
+        assert permuted != base and all(p >= b for p, b in zip(permuted, base)), signal  # toward white
+        # the same hue: every channel moves the same share (0.55, up to hex rounding) of its way to white
+        assert all(abs((p - b) / (1 - b) - 0.55) < 0.02 for p, b in zip(permuted, base) if b < 0.9), signal
+
+
 def test_lorenz_on_grid_matches_spec_gini():
     rng = np.random.default_rng(1)
     lengths = [1, 2, 5, 17, 4]

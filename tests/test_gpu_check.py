@@ -11,15 +11,16 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from bench.gpu_check import METHODS, NOISE_SIGNALS, final_line
+from bench.gpu_check import FIRST, METHODS, NOISE_SIGNALS, check_plan, final_line, paper_params
 from stages.plan import main as plan_cli
+from stages.profile import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_check_prints_one_line_and_a_json_the_planner_reads(tmp_path):
     out = tmp_path / "gpu_check.json"
-    cmd = [sys.executable, "-m", "bench.gpu_check", "--tiny", "--steps", "2", "--json", str(out)]
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--tiny", "--json", str(out)]  # the first run's 2-step mode
     done = subprocess.run(
         cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
     )
@@ -27,10 +28,24 @@ def test_tiny_check_prints_one_line_and_a_json_the_planner_reads(tmp_path):
     result = json.loads(out.read_text())
     last = done.stdout.strip().splitlines()[-1]
     assert last == final_line(result) and last.startswith("gpu_check: CPU, tiny Qwen3 bf16 random, r64")
-    assert set(result["step_s"]) == set(METHODS) and result["step_ratio"]["uniform"] == 1.0
+    assert set(result["step_s"]) == set(FIRST) and result["step_ratio"]["uniform"] == 1.0
+    assert result["measured_steps"] == 1  # 2 steps, the first a warm-up
     # LoRA B = 0 at the first step: every reference-comparing or LoRA salience is exactly 0 in bf16 (SPEC 2b)
-    assert result["fallback_step0"] == {m: 1.0 for m in METHODS if m != "uniform"}
+    assert result["fallback_step0"] == {m: 1.0 for m in FIRST if m != "uniform"}
+    assert result["evaluate_tokens_per_s"] > 0 and result["evaluate_unmerged_tokens_per_s"] > 0
     assert set(result["noise_share"]) == set(NOISE_SIGNALS) and result["peak_gib"] is None
     assert result["train_tokens_per_s"] > 0 and result["generate_tokens_per_s"] > 0
     planned = CliRunner().invoke(plan_cli, ["--profile", "paper", "--gpu-check", str(out)])
     assert planned.exit_code == 0 and f"{result['train_tokens_per_s']:,.0f} generated tokens/s" in planned.output
+    assert f"{result['evaluate_tokens_per_s']:,.0f} in evaluation" in planned.output
+
+
+def test_first_run_is_two_steps_of_two_methods_and_full_is_every_method():
+    assert check_plan(False, None, None) == (2, list(FIRST))
+    assert check_plan(True, None, None) == (3, list(METHODS))
+    assert check_plan(True, 5, "arca, kl") == (5, ["arca", "kl"])
+
+
+def test_paper_params_compose_as_dvc_does_without_dvc():
+    """The device machine has no DVC or Hydra: the check composes the profile itself, to the same params."""
+    assert paper_params() == compose("paper")

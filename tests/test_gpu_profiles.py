@@ -41,6 +41,8 @@ SIZES = (
     "data.probe.n=2",
     "dump.samples=2",
     "evaluate.max_new_tokens=8",
+    "faithfulness.max_positions=2",
+    "train.device=cpu",  # the GPU profiles say cuda, and fail without one: the CPU proof opts out explicitly
 )
 # One run of each profile's list (every dump scores all signals anyway): the paper's ARCA with salience dropout
 # and its matched adapter-off pass; the study's arca_local, whose LoRA hooks and dropout-free salience pass then
@@ -94,7 +96,8 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
 def cells(profile: str) -> list[str]:
     """Hydra overrides replacing the profile's runs with `RUNS[profile]` (a dict is replaced, not merged)."""
     entries = ", ".join(f"{k}: {{method: {m}, rank: {r}, seed: {s}}}" for k, (m, r, s) in RUNS[profile].items())
-    return ["~study.runs", f"+study.runs={{{entries}}}"]
+    # faithfulness.runs must name runs of study.runs: the (one) run kept
+    return ["~study.runs", f"+study.runs={{{entries}}}", f"faithfulness.runs=[{', '.join(RUNS[profile])}]"]
 
 
 @pytest.fixture(scope="module")

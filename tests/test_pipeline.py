@@ -28,7 +28,7 @@ TINY = {
         }
     },
     "model": {"profile": "tiny", "dtype": "float32"},
-    "data": {"train": {"n": 8}, "eval": {"arithmetic": {"n": 4}, "math": {"n": 2}}, "probe": {"n": 2}},
+    "data": {"train": {"n": 8}, "eval": {"reasoning": {"n": 4}, "math": {"n": 2}}, "probe": {"n": 2}},
     "train": {
         "max_steps": 2,
         "prompts_per_step": 2,
@@ -41,6 +41,7 @@ TINY = {
     "dump": {"samples": 2},
     "evaluate": {"k": 1, "max_new_tokens": 6},
     "figures": {"heatmap_prompts": 2},
+    "faithfulness": {"runs": ["arca-r4-s0"], "max_positions": 2, "batch_size": 8},
 }
 
 
@@ -89,13 +90,17 @@ def test_repro_builds_every_output(repo):
         steps = set(dump.column("step").to_pylist())
         assert {0, 2} <= steps  # the untrained snapshot and the final one
         assert json.loads((repo / "data/eval" / f"{run}.json").read_text())["run"] == run
-    for name in ("accuracy", "concentration", "agreement"):
+    degeneration = pd.read_parquet(repo / "data/degeneration/degeneration.parquet")  # SPEC 10, every run
+    assert set(degeneration["run"]) == {"uniform-r4-s0", "arca-r4-s0"} and (degeneration["step"] == 2).all()
+    effects = pd.read_parquet(repo / "data/faithfulness/arca-r4-s0/effects.parquet")  # SPEC 9, final checkpoint
+    assert set(effects["step"]) == {2} and set(effects["effect"]) <= {-1.0, 0.0, 1.0}
+    for name in ("accuracy", "concentration", "agreement", "degeneration", "faithfulness"):
         for ext in ("md", "csv", "tex"):
             assert (repo / "results/tables" / f"{name}.{ext}").stat().st_size > 0
     accuracy = pd.read_csv(repo / "results/tables/accuracy.csv")
     assert {"base", "uniform", "arca"} <= set(accuracy["method"])
     assert accuracy["adapter_md5"].notna().all() and accuracy["git_rev"].notna().all()
-    for png in ("lorenz", "regime_map", "training_curves", "heatmaps"):
+    for png in ("lorenz", "regime_map", "training_curves", "heatmaps", "degeneration", "faithfulness"):
         assert (repo / "results/figures" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -206,8 +211,10 @@ STAGES = (
     "train@arca-r4-s0",
     "dump@arca-r4-s0",
     "diagnose",
+    "degeneration",
     "evaluate_base",
     "evaluate@arca-r4-s0",
+    "faithfulness@arca-r4-s0",
     "tables",
     "figures",
 )

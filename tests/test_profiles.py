@@ -14,7 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from arca.credit_config import METHOD_FIELDS, METHODS
+from arca.credit_config import METHOD_FIELDS, METHODS, run_method
 from stages.plan import Throughput, plan, snapshot_steps
 from stages.plan import main as plan_cli
 from stages.profile import DEFAULT_PROFILE, compose, composed_text, profile_names
@@ -90,8 +90,9 @@ PAPER_SETUP: dict[str, dict[str, Any]] = {
         "train.loss_type": "grpo",
         "train.beta": 0.0,
     },
-    "weights: (a + 1e-8)^2, normalized within the completion": {
+    "weights: (a + 1e-8)^2, normalized within the completion; uniform if the sharpened sum is <= 1e-8": {
         "credit.sharpening": 2.0,
+        "credit.fallback": "sharpened_sum",
         "credit.eps": 1e-8,
         "credit.scheme": "mean",
         "credit.mix": 1.0,
@@ -187,8 +188,19 @@ def test_study_profile_keeps_what_the_paper_leaves_open(profiles):
     assert {rank for method, rank in cells if method == "arca"} == {4, 16, 64}
     assert study["data"]["eval"] == {"math": {**study["data"]["eval"]["math"], "split": "math500", "n": None}}
     assert study["credit"]["sharpening"] == 1.0 and study["credit"]["salience_dropout"] is False
+    assert study["credit"]["fallback"] == "raw_mean"  # SPEC 3's rule; only the paper profile takes the paper's
+    permuted = {(r["method"], r["rank"], r["seed"]) for r in runs if r.get("permute")}
+    assert permuted == {("arca", 64, seed) for seed in (0, 1, 2)}  # SPEC 3's permutation control of ARCA
     makefile = (ROOT / "Makefile").read_text()
     assert "-S profile=study -S credit.sharpening=2" in makefile  # the second experiment of `make study`
+
+
+def test_only_the_paper_profile_falls_back_on_the_sharpened_sum(profiles):
+    fallback = {name: profiles[name]["credit"]["fallback"] for name in PROFILES}
+    assert fallback == {"embedded": "raw_mean", "paper": "sharpened_sum", "study": "raw_mean"}
+    assert all(
+        block.get("fallback") == "sharpened_sum" for block in profiles["paper"]["credit"]["methods"].values() if block
+    )
 
 
 def test_every_profile_has_the_same_keys(profiles):
@@ -200,10 +212,11 @@ def test_every_profile_has_the_same_keys(profiles):
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_run_ids_name_their_cell(profiles, name):
-    """dvc.yaml names a stage by the run id and writes data/runs/<method>-r<rank>-s<seed>: they must agree."""
+    """dvc.yaml names a stage and its paths by the run id: `<method>[_perm]-r<rank>-s<seed>` of its cell."""
     for run, cell in profiles[name]["study"]["runs"].items():
-        assert set(cell) == {"method", "rank", "seed"}
-        assert run == f"{cell['method']}-r{cell['rank']}-s{cell['seed']}" and cell["method"] in METHODS
+        assert set(cell) <= {"method", "rank", "seed", "permute"} and cell["method"] in METHODS
+        label = run_method(cell["method"], cell.get("permute", False))
+        assert run == f"{label}-r{cell['rank']}-s{cell['seed']}"
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -266,4 +279,4 @@ def test_plan_cli_prints_the_active_or_a_named_profile():
     active = CliRunner().invoke(plan_cli, [])
     assert active.exit_code == 0 and active.output.startswith("profile embedded (params.yaml)")
     study = CliRunner().invoke(plan_cli, ["--profile", "study", "--train-tokens-per-s", "2000"])
-    assert study.exit_code == 0 and "42 runs" in study.output and "2,000 generated tokens/s" in study.output
+    assert study.exit_code == 0 and "45 runs" in study.output and "2,000 generated tokens/s" in study.output

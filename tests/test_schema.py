@@ -10,14 +10,15 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from arca.credit import SCHEMES
-from arca.credit_config import METHODS, REFERENCE_MODES
+from arca.credit import FALLBACKS, SCHEMES
+from arca.credit_config import METHODS, PERMUTED_SUFFIX, REFERENCE_MODES
 from arca.data import SELECTIONS
 from arca.grading import GRADERS
 from arca.models import PROFILES
 from arca.training import DTYPES, LOSS_TYPES, LR_SCHEDULERS
 from stages import schema
 from stages.common import ENGINES
+from stages.prepare import SYNTHETIC, TRAIN_SOURCES
 from stages.profile import compose, profile_names
 from stages.strict import ParamsError
 from stages.validate import VALID
@@ -34,10 +35,14 @@ def test_choices_equal_the_library():
     assert schema.METHODS == METHODS and typing.get_args(schema.Method) == METHODS
     assert _choices(schema.Credit, "scheme") == tuple(SCHEMES)
     assert _choices(schema.Credit, "reference") == REFERENCE_MODES
+    assert _choices(schema.Credit, "fallback") == _choices(schema.MethodCredit, "fallback") == FALLBACKS
+    assert schema.FALLBACKS == FALLBACKS and schema.PERMUTED_SUFFIX == PERMUTED_SUFFIX
     assert _choices(schema.Train, "loss_type") == LOSS_TYPES
     assert _choices(schema.Train, "lr_scheduler_type") == LR_SCHEDULERS
     assert _choices(schema.Train, "grader") == tuple(GRADERS)
     assert _choices(schema.TrainData, "select") == SELECTIONS
+    assert _choices(schema.TrainData, "source") == TRAIN_SOURCES
+    assert set(SYNTHETIC) | {"math"} == set(schema.EvalData.model_fields) == set(_choices(schema.Evaluate, "primary"))
     assert _choices(schema.Model, "profile") == PROFILES and _choices(schema.Model, "dtype") == DTYPES
     assert _choices(schema.Dump, "engine") == _choices(schema.Evaluate, "engine") == ENGINES
 
@@ -67,13 +72,43 @@ def _invalid(change) -> str:
             "params.yaml: `study.runs.arca-r8-s0.rnak`: unknown key; did you mean `study.runs.arca-r8-s0.rank`?",
         ),
         (lambda p: p["study"]["runs"].update({"x": {"method": "arca", "rank": 8, "seed": 0}}), "must be 'arca-r8-s0'"),
+        (
+            lambda p: p["study"]["runs"].update(
+                {"arca-r8-s1": {"method": "arca", "rank": 8, "seed": 1, "permute": True}}
+            ),
+            "run id 'arca-r8-s1' must be 'arca_perm-r8-s1'",
+        ),
+        (
+            lambda p: p["study"]["runs"].update({"arca_perm-r8-s0": {"method": "arca", "rank": 8, "seed": 0}}),
+            "run id 'arca_perm-r8-s0' must be 'arca-r8-s0'",
+        ),
+        (
+            lambda p: p["study"]["runs"].update(
+                {"uniform_perm-r8-s0": {"method": "uniform", "rank": 8, "seed": 0, "permute": True}}
+            ),
+            "permute: true needs a salience method",
+        ),
+        (lambda p: p["credit"].update(fallback="sharpened"), "`credit.fallback`: Input should be 'raw_mean' or"),
+        (
+            lambda p: p["credit"]["methods"]["kl"].update(fallback="raw"),
+            "`credit.methods.kl.fallback`: Input should be",
+        ),
         (lambda p: p["train"].update(max_steps=0), "params.yaml: `train.max_steps`: Input should be greater than 0"),
         (lambda p: p["credit"].update(mix=1.5), "`credit.mix`: Input should be less than or equal to 1, got 1.5"),
         (lambda p: p["credit"]["methods"].pop("kl"), "credit.methods lacks kl"),
         (lambda p: p["lora"].update(alpha_per_rank=2), "set exactly one of lora.alpha and lora.alpha_per_rank"),
-        (lambda p: p["evaluate"].update(primary="gsm8k"), "`evaluate.primary`: Input should be 'arithmetic' or"),
+        (
+            lambda p: p["evaluate"].update(primary="gsm8k"),
+            "`evaluate.primary`: Input should be 'arithmetic', 'math' or 'reasoning'",
+        ),
         (lambda p: p["train"].update(gradient_accumulation_steps=3), "must divide into"),
         (lambda p: p.pop("figures"), "params.yaml: `figures` is missing"),
+        (
+            lambda p: p["faithfulness"].update(runs=["arca-r4-s9"]),
+            "faithfulness.runs ['arca-r4-s9'] are not runs of study.runs",
+        ),
+        (lambda p: p["faithfulness"].update(steps="last"), "`faithfulness.steps"),
+        (lambda p: p["faithfulness"].update(max_positions=0), "`faithfulness.max_positions`: Input should be greater"),
     ],
 )
 def test_errors_name_the_dotted_key(change, message):
@@ -99,3 +134,10 @@ def test_validate_stage_checks_the_layer_against_the_model(tmp_path, monkeypatch
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(validate_cli, args)
     assert result.exit_code != 0 and "`credit.methods.arca.layer`: must be in [-31, 30]" in result.output
+
+
+def test_a_permuted_cell_is_its_own_run():
+    params = compose("embedded")
+    params["study"]["runs"]["arca_perm-r8-s0"] = {"method": "arca", "rank": 8, "seed": 0, "permute": True}
+    runs = schema.validate(params).study.runs
+    assert runs["arca_perm-r8-s0"].permute is True and runs["arca-r8-s0"].permute is False  # absent = false

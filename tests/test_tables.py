@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from click.testing import CliRunner
 
+from arca import tables as arca_tables
 from arca.stats import clustered_wilson_interval, paired_bootstrap_interval, wilson_interval
 from arca.tables import (
     ACCURACY_FOOTNOTE,
@@ -91,6 +92,22 @@ def test_accuracy_one_seed_shows_wilson_intervals_and_the_paired_difference():
     assert table.loc["base", "Δ pass@1 vs uniform"] == "n/a" and table.loc["base", "rollouts"] == "n/a"
     assert "±" not in to_markdown(table)  # one seed: no spread that does not exist
     assert list(table.index) == ["base", "uniform", "arca"]  # base model, baseline, then the methods
+
+
+def test_a_permuted_run_is_its_own_method_right_after_its_signal():
+    from arca.credit_config import PERMUTED_SUFFIX
+
+    runs = {
+        **ONE_SEED,
+        "arca_perm-r8-s0": ("arca_perm", 8, 0, [1, 0, 1, 0], [0.5, 0.5, 0.5, 0.0]),
+        "arca_local-r8-s0": ("arca_local", 8, 0, [1, 0, 0, 0], [0.5, 0.0, 0.0, 0.0]),
+    }
+    scores = _scores(runs)
+    stats_ = accuracy_stats(scores, *_lineage_and_budget(scores))
+    assert list(stats_["method"]) == ["base", "uniform", "arca", "arca_perm", "arca_local"]
+    perm = stats_.set_index("method").loc["arca_perm"]
+    assert perm["runs"] == "arca_perm-r8-s0" and perm["pass@1"] == 0.5 and perm["pass@1_vs_uniform"] == 0.25
+    assert arca_tables.PERMUTED_SUFFIX == PERMUTED_SUFFIX
 
 
 def test_accuracy_over_seeds_shows_mean_and_sample_std_and_pairs_by_seed():
@@ -330,3 +347,24 @@ def test_tables_stage_accuracy_intervals_csv_numbers_and_metrics(tmp_path, monke
     first = {p.name: p.read_bytes() for p in [*tables.iterdir(), tmp_path / "metrics/accuracy.json"]}
     assert CliRunner().invoke(tables_stage.main, []).exit_code == 0
     assert first == {p.name: p.read_bytes() for p in [*tables.iterdir(), tmp_path / "metrics/accuracy.json"]}
+
+
+def test_tables_stage_writes_the_papers_training_columns(tmp_path, monkeypatch):
+    _stage_inputs(tmp_path, _noise().iloc[:0])
+    for run, method, gini in (("a", "arca", [0.2, 0.4]), ("u", "uniform", [0.0, 0.0])):
+        folder = tmp_path / "data/runs" / run
+        folder.mkdir(parents=True)
+        metrics = {"method": method, "rank": 8, "seed": 0, "steps": 2, "reward_mean": 0.5}
+        metrics |= {"gini_mean": sum(gini) / 2, "etr_mean": 0.8, "fallback_rate_mean": 0.5}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        (folder / "budget.json").write_text(json.dumps({"rollouts": 32, "generations": 8, "generated_tokens": 320}))
+        log = "".join(f"{i + 1}\t{g}\t0.8\n" for i, g in enumerate(gini))
+        (folder / "log.tsv").write_text("step\tgini\tetr\n" + log)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(tables_stage.main, [])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "results/tables/training.md").read_text()
+    lo, hi = wilson_interval(2, 4)
+    assert f"| a | arca | 8 | 0 | 2 | 32 | 0.500 [{lo:.3f}, {hi:.3f}] | 0.300 ± 0.141 | 0.800 ± 0.000 | 0.5 |" in md
+    csv = pd.read_csv(tmp_path / "results/tables/training.csv").set_index("run")
+    assert csv.loc["u", "gini_mean"] == 0.0 and {"git_rev", "adapter_md5"} <= set(csv.columns)

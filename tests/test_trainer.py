@@ -13,6 +13,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from arca.capture import backbone, layer_module
 from arca.config import CreditGRPOConfig
+from arca.credit import normalize
 from arca.credit_config import METHODS, CreditConfig
 from arca.signals import compute_signals
 from arca.trainer import REF_KEY, CreditGRPOTrainer
@@ -354,3 +355,61 @@ def one_batch(trainer) -> dict:
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by train()
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+# ---- the permutation control (SPEC 3 `permute`) ----------------------------------------------------------------
+
+
+def _padded_arca_batch(mask: torch.Tensor) -> tuple[dict, dict]:
+    """(inputs, policy states) of a hand-made ARCA micro-batch whose residual norms all differ."""
+    b, t = mask.shape
+    policy = torch.randn(b, t, 32, generator=torch.Generator().manual_seed(0))
+    ref = policy.clone()
+    ref[..., 0] += torch.arange(1, b * t + 1, dtype=torch.float32).reshape(b, t)  # residual norm of token i: i + 1
+    inputs = {
+        "prompt_ids": torch.tensor([[1, 2], [3, 4]]),
+        "prompt_mask": torch.ones(b, 2, dtype=torch.long),
+        "completion_ids": torch.arange(b * t).reshape(b, t) + 5,
+        "completion_mask": mask,
+        "advantages": torch.tensor([2.0, -1.0]),
+        REF_KEY.format("arca"): ref,
+    }
+    return inputs, {"arca": policy}
+
+
+def test_permute_gives_a_permutation_of_the_unpermuted_advantages(tmp_path):
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    plain = make_trainer(tmp_path / "plain", "arca")
+    permuted = make_trainer(tmp_path / "perm", "arca", credit_kwargs={"permute": True})
+    assert permuted.credit.permute and not plain.credit.permute
+    (a, states), (b, _) = _padded_arca_batch(mask), _padded_arca_batch(mask)
+    plain._apply_credit(a, states)
+    permuted._apply_credit(b, states)
+    for row in range(2):
+        valid = mask[row].bool()
+        assert torch.equal(b["advantages"][row, valid].sort().values, a["advantages"][row, valid].sort().values)
+        assert not torch.equal(b["advantages"][row], a["advantages"][row])  # 6! and 8! orders: not the identity
+        assert torch.all(b["advantages"][row, ~valid] == 0)
+    assert torch.equal(permuted.last_credit["fallback"], plain.last_credit["fallback"])
+    again, _ = _padded_arca_batch(mask)
+    permuted._apply_credit(again, states)
+    assert torch.equal(again["advantages"], b["advantages"])  # seeded: same seed, step and rows
+    permuted.state.global_step = 1
+    later, _ = _padded_arca_batch(mask)
+    permuted._apply_credit(later, states)
+    assert not torch.equal(later["advantages"], b["advantages"])  # another optimizer step, another draw
+
+
+def test_a_permuted_run_trains_on_permuted_weights(tmp_path):
+    trainer = make_trainer(tmp_path, "arca", credit_kwargs={"permute": True})
+    records = _record_credit(trainer)
+    trainer.train()
+    moved = False
+    for r in records:
+        unpermuted, _ = normalize(r["saliences"], r["mask"], **trainer.credit.normalization())
+        torch.testing.assert_close(r["A_t"], r["A"][:, None] * r["weights"], rtol=0, atol=0)
+        assert torch.equal(r["weights"].sort(1).values, unpermuted.sort(1).values)
+        moved |= not torch.equal(r["weights"], unpermuted)
+    assert moved and records[-1]["step"] == 1  # step 0 falls back to uniform (nothing to permute), step 1 moves
+    with pytest.raises(ValueError, match=r"^credit_permute: uniform weights are all 1"):
+        config(tmp_path, "uniform", {"permute": True})

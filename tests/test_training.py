@@ -121,6 +121,10 @@ def test_outputs_determinism_and_resume(tmp_path, train_path):
     assert 0 < budget["generated_tokens"] <= budget["rollouts"] * 8
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["steps"] == 4 and metrics["fallback_rate_tail"] == 0.0
+    # Whole-run means (the paper's columns) over every logged step, beside the tail: step 1 fell back.
+    for column in ("gini", "etr", "fallback_rate"):
+        assert metrics[f"{column}_mean"] == pytest.approx(sum(r[column] for r in rows) / len(rows))
+    assert metrics["fallback_rate_mean"] >= 0.25
 
     # Killed after step 3 (checkpoint at 2), then resumed: the same adapter bytes, log and budget. Its steps
     # 1-3 rerun from scratch, so this is also the "same settings and seed, same bytes" check. The outputs

@@ -1,0 +1,1 @@
+"""Analysis over finished runs: concentration, faithfulness, statistics, tables, figures (tables in, tables out)."""

@@ -1,0 +1,1 @@
+"""Model-side sampling: rollouts, dumps, counterfactual decodes."""

@@ -1,0 +1,1 @@
+"""Problem sources, prompts and graders: tables and strings in and out, no torch."""
