@@ -175,10 +175,6 @@ def test_noise_probe():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.mark.xfail(
-    strict=True,  # passes once fixed: then drop this mark
-    reason="arca/analysis/faithfulness.py builds torch.tensor(inf / nan, dtype=w.dtype) without device=w.device",
-)
 def test_faithfulness_scores():
     if "faithfulness_scores" not in arca.__all__:
         pytest.skip("arca.faithfulness_scores is not in this checkout yet")

@@ -55,7 +55,7 @@ def faithfulness_scores(weights: Tensor, decisive: Tensor, mask: Tensor) -> dict
     non = ~decisive.bool() & mask  # (N, T)
     n_dec, n_non = dec.sum(1), non.sum(1)  # (N,)
     valid = (n_dec > 0) & (n_non > 0)
-    inf = torch.tensor(float("inf"), dtype=w.dtype)
+    inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
     # auc: for each decisive weight, how many non-decisive weights lie below it (and tie with it), by binary
     # search in the row's sorted non-decisive weights (+inf elsewhere, above every finite weight).
     sorted_non = torch.where(non, w, inf).sort(dim=1).values  # (N, T)
@@ -70,7 +70,7 @@ def faithfulness_scores(weights: Tensor, decisive: Tensor, mask: Tensor) -> dict
     mean_all = torch.where(mask, w, 0).sum(1) / n_scored.clamp(min=1)
     lift = torch.where(mean_all > 0, mean_dec / mean_all.clamp(min=torch.finfo(w.dtype).tiny), torch.nan)
     top_hit = _top_hit(w, dec, mask, n_scored)
-    nan = torch.tensor(float("nan"), dtype=w.dtype)
+    nan = torch.tensor(float("nan"), dtype=w.dtype, device=w.device)
     return {
         name: torch.where(valid, value, nan) for name, value in (("auc", auc), ("lift", lift), ("top_hit", top_hit))
     }
