@@ -7,8 +7,9 @@
 
 Counts are exact for rollouts and upper bounds for tokens (every completion at its max length): training
 (steps x prompts x completions per run), the per-token dumps (probe prompts x samples at every saved snapshot)
-and evaluation (greedy + k samples per problem, base model included). GPU-hours = tokens / throughput on one
-GPU, with three figures that bench/gpu_check.py measures: a whole training step's generated tokens per second
+evaluation (greedy + k samples per problem, base model included) and the counterfactual decodes of
+`faithfulness` (SPEC 9: two greedy decodes per scored position, at the evaluation rate). GPU-hours = tokens /
+throughput on one GPU, with three figures that bench/gpu_check.py measures: a whole training step's generated tokens per second
 (generation, scoring passes, backward) for `train`, generation alone (LoRA unmerged, as TRL and the dump sample)
 for `dump`, and greedy decoding with the adapter merged into a copy (what `arca.evaluation` decodes with) for
 `evaluate`. Left out:
@@ -59,7 +60,7 @@ class StageCost:
     tokens: int
 
     def gpu_hours(self, rate: Throughput) -> float:
-        per_s = {"train": rate.train, "evaluate": rate.evaluate}.get(self.stage, rate.generate)
+        per_s = {"train": rate.train, "evaluate": rate.evaluate, "faithful": rate.evaluate}.get(self.stage, rate.generate)
         return self.tokens / per_s / 3600
 
 
@@ -88,11 +89,26 @@ def plan(params: dict[str, Any]) -> list[StageCost]:
     dumped = snapshots * probe * dump["samples"]
     problems = sum(split_rows(block, data) for block in data["eval"].values())
     evaluated = problems * (1 + evaluate["k"])  # one greedy answer and k samples per problem
-    return [
+    costs = [
         StageCost("train", runs, runs * per_run, runs * per_run * train["max_completion_length"]),
         StageCost("dump", runs, runs * dumped, runs * dumped * train["max_completion_length"]),
         StageCost("evaluate", runs + 1, (runs + 1) * evaluated, (runs + 1) * evaluated * evaluate["max_new_tokens"]),
     ]
+    if params.get("faithfulness"):
+        costs.append(faithfulness_cost(params, probe * dump["samples"]))
+    return costs
+
+
+def faithfulness_cost(params: dict[str, Any], completions: int) -> StageCost:
+    """SPEC 9's greedy decodes: per run and checkpoint of `faithfulness`, every probe completion x its scored
+    positions (at most `max_positions`, every position of a completion up to the full length) x 2 (control and
+    intervention), each continuing up to the completion budget (an upper bound: a decode from position t has
+    `max_completion_length - t` tokens left; the mean is about half)."""
+    block, length = params["faithfulness"], params["train"]["max_completion_length"]
+    steps = block.get("steps", "final")
+    checkpoints = 1 if steps == "final" else len(steps)
+    decodes = len(block["runs"]) * checkpoints * completions * min(block["max_positions"], length) * 2
+    return StageCost("faithful", len(block["runs"]), decodes, decodes * length)
 
 
 def format_plan(params: dict[str, Any], costs: list[StageCost], rate: Throughput, source: str) -> str:

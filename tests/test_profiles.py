@@ -280,3 +280,15 @@ def test_plan_cli_prints_the_active_or_a_named_profile():
     assert active.exit_code == 0 and active.output.startswith("profile embedded (params.yaml)")
     study = CliRunner().invoke(plan_cli, ["--profile", "study", "--train-tokens-per-s", "2000"])
     assert study.exit_code == 0 and "45 runs" in study.output and "2,000 generated tokens/s" in study.output
+
+
+def test_planner_counts_the_counterfactual_decodes(profiles):
+    """SPEC 9's cost: runs x checkpoints x probe completions x min(max_positions, T) x 2 decodes of <= T tokens."""
+    from stages.plan import plan
+
+    paper = profiles["paper"]
+    faithful = {c.stage: c for c in plan(paper)}["faithful"]
+    completions = paper["data"]["probe"]["n"] * paper["dump"]["samples"]
+    positions = min(paper["faithfulness"]["max_positions"], paper["train"]["max_completion_length"])
+    assert faithful.rollouts == len(paper["faithfulness"]["runs"]) * completions * positions * 2
+    assert faithful.tokens == faithful.rollouts * paper["train"]["max_completion_length"]
