@@ -6,14 +6,14 @@
     python -m stages.plan --gpu-check gpu_check.json       # the throughput `bench/gpu_check.py --json` measured
 
 Counts are exact for rollouts and upper bounds for tokens (every completion at its max length): training
-(steps x prompts x completions per run), the per-token dumps (probe prompts x samples at every saved snapshot)
+(steps x prompts x completions per run), the per-token dumps (probe prompts x samples at every saved snapshot),
 evaluation (greedy + k samples per problem, base model included) and the counterfactual decodes of
 `faithfulness` (SPEC 9: two greedy decodes per scored position, at the evaluation rate). GPU-hours = tokens /
-throughput on one GPU, with three figures that bench/gpu_check.py measures: a whole training step's generated tokens per second
-(generation, scoring passes, backward) for `train`, generation alone (LoRA unmerged, as TRL and the dump sample)
-for `dump`, and greedy decoding with the adapter merged into a copy (what `arca.evaluation` decodes with) for
-`evaluate`. Left out:
-the dumps' scoring passes, base-model download, prepare, diagnose, tables and figures (minutes, CPU).
+throughput on one GPU, with three figures that bench/gpu_check.py measures: a whole training step's generated
+tokens per second (generation, scoring passes, backward) for `train`, generation alone (LoRA unmerged, as TRL
+and the dump sample) for `dump`, and greedy decoding with the adapter merged into a copy (what
+`arca.evaluation` decodes with) for `evaluate`. Left out: the dumps' scoring passes, base-model download,
+prepare, diagnose, the degeneration map, tables and figures (minutes, CPU).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class StageCost:
     tokens: int
 
     def gpu_hours(self, rate: Throughput) -> float:
-        per_s = {"train": rate.train, "evaluate": rate.evaluate, "faithful": rate.evaluate}.get(self.stage, rate.generate)
+        rates = {"train": rate.train, "evaluate": rate.evaluate, "faithful": rate.evaluate}  # SPEC 9 decodes: merged
+        per_s = rates.get(self.stage, rate.generate)
         return self.tokens / per_s / 3600
 
 

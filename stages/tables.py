@@ -208,7 +208,9 @@ def main(params_path: str) -> None:
         "times c, on the run's own probe completions at its final checkpoint",
         DEGENERATION_NOTE,
         empty="No degeneration map: data/degeneration/degeneration.parquet is missing (run the degeneration stage).",
-        csv=(degeneration.round(8).merge(lin, on="run", how="left") if len(degeneration) else cells).assign(git_rev=rev),
+        csv=(degeneration.round(8).merge(lin, on="run", how="left") if len(degeneration) else cells).assign(
+            git_rev=rev
+        ),
     )
     write_json("metrics/accuracy.json", run_accuracy(scores))
 

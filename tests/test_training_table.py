@@ -26,9 +26,9 @@ def _inputs() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
             "fallback_rate_mean": [0.0, 1 / 3],
         }
     )
-    logs = pd.DataFrame(
-        {"run": ["a"] * 3 + ["u"] * 3, "step": [1, 2, 3] * 2, "gini": [0.0, 0.4, 0.5, 0, 0, 0]}
-    ).assign(etr=lambda d: 1 - d["gini"])
+    logs = pd.DataFrame({"run": ["a"] * 3 + ["u"] * 3, "step": [1, 2, 3] * 2, "gini": [0.0, 0.4, 0.5, 0, 0, 0]}).assign(
+        etr=lambda d: 1 - d["gini"]
+    )
     budgets = pd.DataFrame({"run": ["a", "u"], "rollouts": 48, "generations": 8})
     return metrics, logs, budgets
 
