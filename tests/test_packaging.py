@@ -42,8 +42,10 @@ def test_dependencies_are_ranges():
     assert not trl.specifier.contains("1.17.0") and trl.specifier.contains("1.16.9")  # one minor at a time
 
 
-def test_only_arca_is_installed():
-    assert PYPROJECT["tool"]["setuptools"]["packages"] == ["arca"]
+def test_only_arca_and_all_of_it_is_installed():
+    """Every package folder under arca/ is listed: a forgotten subpackage makes the wheel fail on import."""
+    subpackages = sorted(f"arca.{d.name}" for d in (ROOT / "arca").iterdir() if (d / "__init__.py").is_file())
+    assert PYPROJECT["tool"]["setuptools"]["packages"] == ["arca", *subpackages]
     assert set(PROJECT["optional-dependencies"]) == {"pipeline", "test", "vllm"}
 
 
