@@ -9,20 +9,10 @@ import math
 
 import pandas as pd
 
+from arca.figures import SIGNAL_ORDER  # SPEC 2 order; any other signal follows, sorted
+
 METRICS = ("auc", "lift", "top_hit")
 PERMUTED = " (permuted)"  # as arca.analysis.faithfulness.PERMUTED (not imported: that module needs torch)
-# SPEC 2 order (as arca.figures.SIGNAL_ORDER); any other signal follows, sorted.
-SIGNAL_ORDER = (
-    "uniform",
-    "surprisal",
-    "entropy",
-    "entropy_reduction",
-    "kl",
-    "arca",
-    "divergence",
-    "entropy_drop",
-    "arca_local",
-)
 FAITHFULNESS_FOOTNOTE = (
     "Counterfactual faithfulness (SPEC 9) on the probe completions of each run's dump at that checkpoint: per "
     "scored position t, r0 grades a greedy decode from y_1..y_t, r1 one from y_1..y_t-1 y'_t (y'_t the most "
