@@ -34,11 +34,11 @@ repro: $(STAMP)
 	$(BIN)/dvc repro
 
 test: $(STAMP)  ## single-threaded torch: tiny models gain nothing from threads and tests stay fast on a busy machine
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest --ignore=tests/test_scale_out.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest --ignore=tests/stages/test_scale_out.py
 
 # The two-machine sweep on CPU (~4 min): kept out of `make test` for its 10-minute budget; CI runs both.
 test-scale: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/test_scale_out.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/stages/test_scale_out.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check arca stages tests bench examples
@@ -47,7 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.diagnostics --quick
 	$(BIN)/python -m bench.step_overhead --quick
 
-# The GPU profiles (conf/profile/, README "Paper profile"): one GPU, bf16, hub access for the model. Each is a
+# The GPU profiles (conf/profile/, docs/profiles.md "Paper profile"): one GPU, bf16, hub access for the model. Each is a
 # DVC experiment: DVC composes params.yaml from conf/ and runs the pipeline in this workspace (resumable).
 # `make plan PROFILE=paper` first says what it costs.
 paper: $(STAMP)
@@ -79,7 +79,7 @@ plan: $(STAMP)
 # The paper profile's training step at full size on random Qwen3-1.7B weights (one GPU, no download): the first
 # run's check, uniform and arca for 2 steps plus evaluation's decoding (< 5 min); GPU_CHECK_ARGS=--full for every
 # method, 3 steps (~8 min). Then the vLLM sampling check when vLLM is installed. Needs the venv `make setup` makes,
-# with the torch build for the machine's driver (README, GPU section).
+# with the torch build for the machine's driver (docs/profiles.md, GPU section).
 GPU_CHECK_ARGS ?=
 gpu-check: $(STAMP)
 	$(BIN)/python -m bench.gpu_check --json $(GPU_CHECK_JSON) $(GPU_CHECK_ARGS)

@@ -34,9 +34,11 @@ import importlib.util
 import trl
 
 import arca
-from arca import CreditGRPOConfig, CreditGRPOTrainer, compute_signals, effective_token_ratio, gini, normalize
+from arca import CreditGRPOConfig, CreditGRPOTrainer, compute_signals, effective_token_ratio, gini, math_reward, normalize
+from arca.run.training import run_training  # every room imports from the wheel, not only the lazy surface
 
 assert issubclass(CreditGRPOConfig, trl.GRPOConfig) and issubclass(CreditGRPOTrainer, trl.GRPOTrainer)
+assert math_reward("\\boxed{2}", "2") == 1.0 and callable(run_training) and callable(normalize)
 assert "site-packages" in arca.__file__, arca.__file__
 assert importlib.util.find_spec("stages") is None and importlib.util.find_spec("bench") is None
 print("installed:", ", ".join(f"{p} {md.version(p)}" for p in ("trl", "transformers", "peft", "accelerate", "torch",

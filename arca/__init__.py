@@ -7,8 +7,10 @@ args = CreditGRPOConfig(output_dir="out", credit_method="arca")  # every GRPOCon
 trainer = CreditGRPOTrainer(model=..., reward_funcs=..., args=args, train_dataset=..., peft_config=LoraConfig(...))
 ```
 
-The names below are imported on first use, so `import arca.signals` (or `arca.credit`) does not load TRL's
-trainer.
+The names below are imported on first use, so `import arca.credit.signals` (or `arca.methods`) does not load
+TRL's trainer. The package is layered: `arca.methods` (the method table), `arca.choices` and `arca.io` at the
+base, then `tasks`, `credit`, `models`, `sampling`, `grpo` (the only TRL glue), `run` and `analysis`; each
+subpackage's docstring states what it may import, and tests/test_layers.py holds the rules.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "CreditGRPOTrainer": "arca.trainer",
-    "CreditGRPOConfig": "arca.config",
-    "CreditConfig": "arca.credit_config",
-    "METHODS": "arca.credit_config",
-    "compute_signals": "arca.signals",
-    "normalize": "arca.credit",
-    "gini": "arca.diagnostics",
-    "effective_token_ratio": "arca.diagnostics",
-    "accuracy_reward": "arca.grading",
+    "CreditGRPOTrainer": "arca.grpo.trainer",
+    "CreditGRPOConfig": "arca.grpo.config",
+    "CreditConfig": "arca.credit.config",
+    "METHODS": "arca.methods",
+    "compute_signals": "arca.credit.signals",
+    "normalize": "arca.credit.normalize",
+    "gini": "arca.credit.diagnostics",
+    "effective_token_ratio": "arca.credit.diagnostics",
+    "accuracy_reward": "arca.tasks.grading",
+    "math_reward": "arca.tasks.grading",
     "faithfulness_scores": "arca.analysis.faithfulness",
     "scaled_adapter": "arca.sampling.scaling",
 }
@@ -40,20 +43,22 @@ __all__ = [
     "effective_token_ratio",
     "faithfulness_scores",
     "gini",
+    "math_reward",
     "normalize",
     "scaled_adapter",
 ]
 
 if TYPE_CHECKING:
     from arca.analysis.faithfulness import faithfulness_scores
-    from arca.config import CreditGRPOConfig
-    from arca.credit import normalize
-    from arca.credit_config import METHODS, CreditConfig
-    from arca.diagnostics import effective_token_ratio, gini
-    from arca.grading import accuracy_reward
+    from arca.credit.config import CreditConfig
+    from arca.credit.diagnostics import effective_token_ratio, gini
+    from arca.credit.normalize import normalize
+    from arca.credit.signals import compute_signals
+    from arca.grpo.config import CreditGRPOConfig
+    from arca.grpo.trainer import CreditGRPOTrainer
+    from arca.methods import METHODS
     from arca.sampling.scaling import scaled_adapter
-    from arca.signals import compute_signals
-    from arca.trainer import CreditGRPOTrainer
+    from arca.tasks.grading import accuracy_reward, math_reward
 
 
 def __getattr__(name: str) -> Any:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from arca.diagnostics import trajectory_diagnostics
+from arca.credit.diagnostics import trajectory_diagnostics
 
 METRICS = ["gini", "etr", "top_k_mass", "agnostic_share"]
 

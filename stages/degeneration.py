@@ -21,23 +21,16 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import pandas as pd
-import torch
 
-from arca.analysis.degeneration import degeneration_rows, scale_summary
-from arca.dump import a32_signals, normalized
-from arca.io import read_json, write_parquet
-from arca.models import resolve_dtype
-from arca.precision import float32_weights
-from arca.sampling.degeneration import rollouts_from_dump, scaled_saliences, token_frame
-from arca.sampling.scaling import relative_update_size
-from arca.signals import SIGNAL_NAMES
-from stages.common import load_params, section
+from stages.common import load_valid, section
 from stages.credit_params import credit_config
-from stages.runs import load_base_model, params_hash, snapshots, with_adapter
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("stages.degeneration")
 OUT = Path("data/degeneration/degeneration.parquet")
@@ -63,6 +56,17 @@ def degeneration_params(params: dict) -> dict:
 
 def run_map(run: str, base, tokenizer, params: dict, cfg: dict, dtype: torch.dtype) -> tuple[list[pd.DataFrame], Any]:
     """The `scale_summary` rows of one run (every scale x dtype), and the base model back (adapter unloaded)."""
+    import torch
+
+    from arca.analysis.degeneration import scale_summary
+    from arca.credit.precision import float32_weights
+    from arca.credit.signals import SIGNAL_NAMES
+    from arca.io import read_json
+    from arca.sampling.degeneration import rollouts_from_dump, scaled_saliences, token_frame
+    from arca.sampling.dump import a32_signals, normalized
+    from arca.sampling.scaling import relative_update_size
+    from stages.runs import snapshots, with_adapter
+
     run_dir = Path("data/runs") / run
     method = read_json(run_dir / "budget.json")["method"]
     step, adapter_dir = list(snapshots(run_dir).items())[-1]
@@ -108,11 +112,17 @@ def run_map(run: str, base, tokenizer, params: dict, cfg: dict, dtype: torch.dty
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
 def main(params_path: str) -> None:
-    params = load_params(params_path)
-    cfg = degeneration_params(params)
-    tokens = section(params, "diagnostics").get("formatting_tokens")
-    if not isinstance(tokens, list):
-        raise ValueError("params.yaml: diagnostics.formatting_tokens must be a list of strings")
+    params = load_valid(params_path)[0]  # the whole file first: ~1 s, before torch loads
+    try:  # a params error is one line and a non-zero exit, never a traceback
+        cfg = degeneration_params(params)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    tokens = section(params, "diagnostics")["formatting_tokens"]
+    from arca.analysis.degeneration import degeneration_rows  # heavy imports (torch) only after validation
+    from arca.io import write_parquet
+    from arca.models.base import resolve_dtype
+    from stages.runs import load_base_model, params_hash
+
     dtype_name = section(params, "model").get("dtype", "auto")
     dtype = resolve_dtype(dtype_name)
     base, tokenizer = load_base_model(dtype_name)

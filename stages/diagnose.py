@@ -18,10 +18,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from arca.concentration import dump_signals, noise_table, signal_agreement, trajectory_table
-from arca.diagnostics import aggregate
-from arca.io import write_json, write_parquet
-from stages.common import load_params, section
+from stages.common import load_valid, section
 from stages.credit_params import credit_config
 
 OUT = Path("data/diagnostics")
@@ -62,11 +59,13 @@ def final_metrics(summary: pd.DataFrame, noise: pd.DataFrame) -> dict:
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
 def main(params_path: str) -> None:
-    params = load_params(params_path)
+    params = load_valid(params_path)[0]  # the whole file first: ~1 s, before torch loads
     diag, credit = section(params, "diagnostics"), section(params, "credit")
-    tokens = diag.get("formatting_tokens")
-    if not isinstance(tokens, list):
-        raise ValueError("params.yaml: diagnostics.formatting_tokens must be a list of strings")
+    tokens = diag["formatting_tokens"]
+    from arca.analysis.concentration import dump_signals, noise_table, signal_agreement, trajectory_table
+    from arca.credit.diagnostics import aggregate  # heavy imports (torch) only after validation
+    from arca.io import write_json, write_parquet
+
     dumps = read_dumps()
     signals = dump_signals(dumps.columns)
     traj = trajectory_table(

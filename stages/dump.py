@@ -10,7 +10,7 @@ When `model.dtype` resolves to a dtype other than float32 (bf16 on a GPU), every
 is recomputed in float32 on the same rollouts and checkpoint and written as `a32_<signal>` (SPEC 2b); the
 file's metadata records the dtype (`arca.dtype`) and those signals (`arca.a32_signals`).
 
-`dump.engine` samples the rollouts: `hf` (`model.generate`) or `vllm` (arca.vllm_rollouts, the snapshot served
+`dump.engine` samples the rollouts: `hf` (`model.generate`) or `vllm` (arca.sampling.vllm, the snapshot served
 as a vLLM LoRA); the signals come from the HF model on those tokens either way (`arca.engine` in the metadata).
 """
 
@@ -21,17 +21,9 @@ from pathlib import Path
 
 import click
 import pandas as pd
-import torch
 
-from arca.dump import a32_signals, dump_schema, float32_saliences, signal_weights, token_table
-from arca.grading import GRADERS
-from arca.io import read_json, write_parquet
-from arca.models import resolve_dtype
-from arca.rollouts import generate
-from arca.signals import SIGNAL_NAMES
-from stages.common import check_engine, load_params, section
+from stages.common import check_engine, load_valid, parse_run_id, run_id, section
 from stages.credit_params import credit_config
-from stages.runs import load_base_model, params_hash, parse_run_id, run_id, snapshots, vllm_sampler, with_adapter
 
 log = logging.getLogger("stages.dump")
 
@@ -39,6 +31,14 @@ log = logging.getLogger("stages.dump")
 def dump_run(run: str, meta: dict, params: dict, checked: list[str], engine: str = "hf") -> pd.DataFrame:
     """Every checkpoint's token table; `checked` lists the signals that also get `a32_` columns. `engine` samples
     the rollouts (`hf` or `vllm`); the signals are computed by the HF model on the sampled tokens either way."""
+    import torch
+
+    from arca.credit.signals import SIGNAL_NAMES
+    from arca.sampling.dump import float32_saliences, signal_weights, token_table
+    from arca.sampling.rollouts import generate
+    from arca.tasks.grading import GRADERS
+    from stages.runs import load_base_model, snapshots, vllm_sampler, with_adapter
+
     dump, credit = section(params, "dump"), credit_config(params, meta["method"])  # `arca_perm`: ARCA's params
     train = section(params, "train")
     model_params = section(params, "model")
@@ -69,9 +69,7 @@ def dump_run(run: str, meta: dict, params: dict, checked: list[str], engine: str
             rollouts = generate(model, tokenizer, prompts, **sampling)
         else:
             rollouts = sampler.generate(tokenizer, prompts, adapter_dir=adapter_dir, **sampling)
-        rewards = torch.tensor(
-            [grade(t, answers[i]) for i, t in zip(rollouts.prompt_index.tolist(), rollouts.texts)]
-        )
+        rewards = torch.tensor([grade(t, answers[i]) for i, t in zip(rollouts.prompt_index.tolist(), rollouts.texts)])
         weights = signal_weights(model, rollouts, credit, SIGNAL_NAMES, batch_size, temperature)
         # The float32 truth of the same tokens: no new rollouts, the checkpoint's weights upcast in place.
         a32 = float32_saliences(model, rollouts, checked, credit.layer, batch_size, temperature)
@@ -88,16 +86,21 @@ def dump_run(run: str, meta: dict, params: dict, checked: list[str], engine: str
 @click.option("--seed", default=None, type=int)
 @click.option("--params", "params_path", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
 def main(run: str | None, method: str | None, rank: int | None, seed: int | None, params_path: str) -> None:
-    params = load_params(params_path)
-    for key in ("samples",):
-        value = section(params, "dump").get(key)
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"params.yaml: dump.{key} must be a positive int, got {value!r}")
+    params = load_valid(params_path)[0]  # the whole file first: ~1 s, before torch loads
     if run is None and None in (method, rank, seed):
         raise click.UsageError("give --run <run id>, or --method, --rank and --seed")
     run = run or run_id(method, rank, seed)
-    credit_config(params, parse_run_id(run)[0])  # bad credit params fail here, before any model loads
-    engine = check_engine(params, "dump")
+    try:  # a params error is one line and a non-zero exit, never a traceback
+        credit_config(params, parse_run_id(run)[0])  # bad credit params fail here, before any model loads
+        engine = check_engine(params, "dump")
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    from arca.credit.signals import SIGNAL_NAMES  # heavy imports (torch, transformers) only after validation
+    from arca.io import read_json, write_parquet
+    from arca.models.base import resolve_dtype
+    from arca.sampling.dump import a32_signals, dump_schema
+    from stages.runs import params_hash
+
     budget = read_json(Path("data/runs") / run / "budget.json")
     meta = {"run": run, "method": budget["method"], "rank": budget["rank"], "seed": budget["seed"]}
     dtype = resolve_dtype(section(params, "model").get("dtype", "auto"))

@@ -6,9 +6,9 @@ of one run's final adapter, or of the base model, graded by math-verify and by t
 
 Params `evaluate`: k, max_new_tokens, batch_size, temperature, seed, primary, `top_p` / `top_k` (null:
 unfiltered sampling; the paper samples its pass@4 at temperature 1.0 and top-p 0.95), and `engine`: `hf`
-(`model.generate`) or `vllm` (arca.vllm_rollouts: the adapter served as a vLLM LoRA; other random draws than
+(`model.generate`) or `vllm` (arca.sampling.vllm: the adapter served as a vLLM LoRA; other random draws than
 HF's, so sampled numbers differ between engines under one seed). The JSON keeps its
-fields (`pass@1`, `mean@<k>`, `n` per set) and adds `pass_at_k` and the `exact_` ones (see arca.evaluation).
+fields (`pass@1`, `mean@<k>`, `n` per set) and adds `pass_at_k` and the `exact_` ones (see arca.sampling.evaluation).
 """
 
 from __future__ import annotations
@@ -19,13 +19,8 @@ from functools import partial
 from pathlib import Path
 
 import click
-import pandas as pd
-from transformers import AutoTokenizer
 
-from arca.evaluation import evaluate, summarize
-from arca.io import write_json, write_parquet
-from stages.common import check_engine, load_params, section
-from stages.runs import BASE_DIR, load_base_model, parse_run_id, run_id, vllm_sampler, with_adapter
+from stages.common import check_engine, load_valid, parse_run_id, run_id, section
 
 OUT = Path("data/eval")
 
@@ -74,12 +69,16 @@ def check(block: dict) -> None:
 def main(
     run: str | None, method: str | None, rank: int | None, seed: int | None, is_base: bool, params_path: str
 ) -> None:
-    params = load_params(params_path)
+    params = load_valid(params_path)[0]  # the whole file first: ~1 s, before torch loads
     block, model_params = section(params, "evaluate"), section(params, "model")
-    check(block)
-    engine = check_engine(params, "evaluate")
-    if block.get("primary") not in (None, *section(section(params, "data"), "eval")):
-        raise ValueError(f"params.yaml: evaluate.primary must name one of data.eval's sets, got {block['primary']!r}")
+    try:  # a params error is one line and a non-zero exit, never a traceback
+        check(block)
+        engine = check_engine(params, "evaluate")
+        if block.get("primary") not in (None, *section(section(params, "data"), "eval")):
+            primary = block["primary"]
+            raise ValueError(f"params.yaml: evaluate.primary must name one of data.eval's sets, got {primary!r}")
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     if run is not None and not is_base:
         method, rank, seed = parse_run_id(run)  # the schema keeps every run id <method>-r<rank>-s<seed>
     if not is_base and None in (method, rank, seed):
@@ -88,6 +87,13 @@ def main(
     adapter = None if is_base else Path("data/runs") / run / "adapter"
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no trained adapter; run `dvc repro train` first")
+    import pandas as pd  # heavy imports (torch, transformers) only after validation
+    from transformers import AutoTokenizer
+
+    from arca.io import write_json, write_parquet
+    from arca.sampling.evaluation import evaluate, summarize
+    from stages.runs import BASE_DIR, load_base_model, vllm_sampler, with_adapter
+
     problems = pd.read_parquet("data/prepared/eval.parquet")
     dtype = model_params.get("dtype", "auto")
     if engine == "vllm":  # vLLM samples with the adapter itself: no HF model on the GPU

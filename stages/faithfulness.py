@@ -23,15 +23,8 @@ from pathlib import Path
 
 import click
 import pandas as pd
-import pyarrow.parquet as pq
 
-from arca.analysis.faithfulness import completion_scores, summarize
-from arca.grading import GRADERS
-from arca.io import write_parquet
-from arca.rollouts import eos_token_ids
-from arca.sampling.counterfactual import probes_from_dump, token_effects
-from stages.common import load_params, section
-from stages.runs import load_base_model, params_hash, snapshots, with_adapter
+from stages.common import load_valid, section
 
 log = logging.getLogger("stages.faithfulness")
 OUT = Path("data/faithfulness")
@@ -78,6 +71,10 @@ def chosen_steps(steps: str | list[int], available: list[int], run: str) -> list
 
 def effects_at(run: str, step: int, dump: pd.DataFrame, model, tokenizer, params: dict) -> pd.DataFrame:
     """The effects table of one checkpoint (rows sorted by prompt_id, sample, pos)."""
+    from arca.sampling.counterfactual import probes_from_dump, token_effects
+    from arca.sampling.rollouts import eos_token_ids
+    from arca.tasks.grading import GRADERS
+
     cfg, train = section(params, "faithfulness"), section(params, "train")
     probe = pd.read_parquet("data/prepared/probe.parquet")
     keys, probes = probes_from_dump(
@@ -109,13 +106,25 @@ def effects_at(run: str, step: int, dump: pd.DataFrame, model, tokenizer, params
 @click.option("--run", "run", required=True, help="a run id of faithfulness.runs (dvc.yaml passes it)")
 @click.option("--params", "params_path", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
 def main(run: str, params_path: str) -> None:
-    params = load_params(params_path)
-    cfg = faithfulness_params(params)
+    params = load_valid(params_path)[0]  # the whole file first: ~1 s, before torch loads
+    try:  # a params error is one line and a non-zero exit, never a traceback
+        cfg = faithfulness_params(params)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    import pyarrow.parquet as pq  # heavy imports (torch, transformers) only after validation
+
+    from arca.analysis.faithfulness import completion_scores, summarize
+    from arca.io import write_parquet
+    from stages.runs import load_base_model, params_hash, snapshots, with_adapter
+
     dump_path = Path("data/dumps") / f"{run}.parquet"
     if not dump_path.is_file():
         raise click.ClickException(f"{dump_path}: no dump for run {run}; run `dvc repro dump@{run}` first")
     dump = pd.read_parquet(dump_path)
-    steps = chosen_steps(cfg["steps"], sorted(int(s) for s in dump["step"].unique()), run)
+    try:  # a params error is one line and a non-zero exit, never a traceback
+        steps = chosen_steps(cfg["steps"], sorted(int(s) for s in dump["step"].unique()), run)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     signals = [c[2:] for c in dump.columns if c.startswith("w_")]
     adapters = snapshots(Path("data/runs") / run)
     base, tokenizer = load_base_model(section(params, "model").get("dtype", "auto"))

@@ -17,12 +17,12 @@ from pathlib import Path
 import click
 import pandas as pd
 import pyarrow.parquet as pq
-import yaml
 
 from arca.analysis.degeneration_report import degeneration_figure
 from arca.analysis.faithfulness_figure import faithfulness_figure
-from arca.figures import lorenz_figure, regime_map, training_curves
-from arca.heatmap import heatmap_pages, heatmap_png
+from arca.analysis.figures import lorenz_figure, regime_map, training_curves
+from arca.analysis.heatmap import heatmap_pages, heatmap_png
+from stages.common import load_valid
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,9 @@ def read_evals() -> pd.DataFrame | None:
 def main(params_path: Path) -> None:
     """Draw every figure of the pipeline into results/figures/ and the plots table into results/plots/."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    raw = load_valid(params_path)[0]  # the whole file first, before any figure input is read
     try:
-        params = parse_params(yaml.safe_load(params_path.read_text()) or {})
+        params = parse_params(raw)
     except (TypeError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     if not TRAJECTORIES.is_file():

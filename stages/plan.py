@@ -12,7 +12,7 @@ evaluation (greedy + k samples per problem, base model included) and the counter
 throughput on one GPU, with three figures that bench/gpu_check.py measures: a whole training step's generated
 tokens per second (generation, scoring passes, backward) for `train`, generation alone (LoRA unmerged, as TRL
 and the dump sample) for `dump`, and greedy decoding with the adapter merged into a copy (what
-`arca.evaluation` decodes with) for `evaluate`. Left out: the dumps' scoring passes, base-model download,
+`arca.sampling.evaluation` decodes with) for `evaluate`. Left out: the dumps' scoring passes, base-model download,
 prepare, diagnose, the degeneration map, tables and figures (minutes, CPU).
 """
 
@@ -25,7 +25,9 @@ from typing import Any
 
 import click
 
-from stages.common import load_params
+from stages.common import load_valid
+from stages.schema import validate
+from stages.strict import ParamsError
 
 # Rows of a MATH split when `n` is null (upper bounds: rows without a boxed answer are dropped by prepare).
 SPLIT_ROWS = {"train": 7500, "test": 5000, "math500": 500}
@@ -66,7 +68,7 @@ class StageCost:
 
 
 def snapshot_steps(max_steps: int, save_steps: int) -> list[int]:
-    """The adapter snapshots a run keeps (arca.run_files): step 0, every `save_steps`, and the last step."""
+    """The adapter snapshots a run keeps (arca.run.files): step 0, every `save_steps`, and the last step."""
     return sorted({0, max_steps, *range(save_steps, max_steps + 1, save_steps)})
 
 
@@ -169,11 +171,15 @@ def main(
     if profile is None and overrides:
         raise click.UsageError("-S needs --profile (the active params.yaml is planned as it is)")
     if profile is None:
-        params, source = load_params(params_path), params_path
+        params, source = load_valid(params_path)[0], params_path
     else:
         from stages.profile import compose
 
         params, source = compose(profile, overrides), f"conf/profile/{profile}.yaml"
+        try:  # a composed profile is checked like a params file: one line per bad key, no traceback
+            validate(params, source)
+        except ParamsError as err:
+            raise click.ClickException(str(err)) from None
     rate = throughput(train_rate, generate_rate, gpu_check, evaluate_rate)
     click.echo(format_plan(params, plan(params), rate, source))
 

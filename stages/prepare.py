@@ -13,7 +13,7 @@ Params (all validated before any data loads; errors name the key and the fix):
 - `data.eval.<set>.split` (MATH sets): `math500` (the 500-problem subset) or `test` (the full 5,000-problem
   test split). Absent: `math500` for `data.source: embedded`, the source's `test` split for `path` and `hub`.
 - `data.eval.<set>.select` (MATH sets; `data.train.select` too): `sample` (seeded sample, the default) or `first`
-  (the first n rows in the source's order, see `arca.data`); `n: null` takes the whole split.
+  (the first n rows in the source's order, see `arca.tasks.sources`); `n: null` takes the whole split.
 - `prompt.format`: `chat` (default: `system` + `few_shot` as chat messages, rendered by the tokenizer's chat
   template at generation) or `raw` (`prompt.template` with `{problem}` replaced, plain text, no chat template).
 """
@@ -26,12 +26,13 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from arca.arithmetic import arithmetic_problems
-from arca.data import SELECTIONS, filter_problems, load_embedded, load_hub, load_math_path, normalize_table
 from arca.io import write_json, write_parquet
-from arca.prompts import PROBLEM_FIELD, build_prompt, raw_prompt
+from arca.tasks.arithmetic import arithmetic_problems
+from arca.tasks.grading import extract_boxed
+from arca.tasks.prompts import PROBLEM_FIELD, build_prompt, raw_prompt
 from arca.tasks.reasoning import reasoning_problems
-from stages.common import load_params, section
+from arca.tasks.sources import SELECTIONS, filter_problems, load_embedded, load_hub, load_math_path, normalize_table
+from stages.common import load_valid, section
 
 SOURCES = ("embedded", "path", "hub")
 # Seeded generated sources: name -> f(n, seed=...) -> problem table; each name is also an eval set (`data.eval.<name>`).
@@ -78,6 +79,11 @@ def check_prompt(prompt: dict) -> None:
     if fmt == "chat":
         if template is not None:
             raise ValueError("params.yaml: prompt.template is used only with prompt.format: raw; remove it or set raw")
+        for index, shot in enumerate(prompt.get("few_shot") or []):  # the model learns its answer format here
+            if not isinstance(shot, dict) or extract_boxed(str(shot.get("answer", ""))) is None:
+                raise ValueError(
+                    f"params.yaml: prompt.few_shot[{index}].answer has no complete \\boxed{{...}}; end it with one"
+                )
         return
     if not isinstance(template, str) or PROBLEM_FIELD not in template:
         raise ValueError(
@@ -224,13 +230,13 @@ def build_tables(data: dict, prompt: dict) -> tuple[pd.DataFrame, pd.DataFrame, 
 @click.option("--out", default="data/prepared", type=click.Path(file_okay=False))
 @click.option("--metrics", default="metrics/prepare.json", type=click.Path(dir_okay=False))
 def main(params_path: str, out: str, metrics: str) -> None:
-    params = load_params(params_path)
+    params = load_valid(params_path)[0]  # the whole file first (the validate stage has also built these tables)
     data, prompt = section(params, "data"), section(params, "prompt")
     try:
         check_params(data, prompt)
         train, eval_df, counts = build_tables(data, prompt)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
     probe = train.sample(n=min(data["probe"]["n"], len(train)), random_state=data["probe"].get("seed", 0))
     probe = probe.sort_values("prompt_id").reset_index(drop=True)
     out_dir = Path(out)

@@ -64,6 +64,12 @@ def main(profile: str, overrides: tuple[str, ...], out: str, check: bool) -> Non
             )
         click.echo(f"{out} = conf/profile/{profile}.yaml")
         return
+    try:  # composition checks the file as every stage will: a bad key or cell fails here, in one line per key
+        from stages.schema import validate
+
+        validate(yaml.safe_load(text), f"conf/profile/{profile}.yaml")
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     write_text(path, text)
     click.echo(f"wrote {out} from conf/profile/{profile}.yaml; `dvc exp run -S profile={profile}` writes the same")
 

@@ -11,8 +11,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from arca.models import resolve_dtype
-from stages.common import parse_run_id, run_id  # noqa: F401  (re-exported: the stages name runs here)
+from arca.models.base import resolve_dtype
 
 BASE_DIR = Path("data/models/base")
 
@@ -48,7 +47,7 @@ def params_hash(*sections: dict) -> str:
 
 def vllm_sampler(dtype: str, max_rank: int, seed: int):
     """A `VLLMSampler` over the base model, in the dtype the HF path would load (`auto`: bf16 on CUDA)."""
-    from arca.vllm_rollouts import VLLMSampler
+    from arca.sampling.vllm import VLLMSampler
 
     name = str(resolve_dtype(dtype)).removeprefix("torch.")
     return VLLMSampler(BASE_DIR, dtype=name, max_rank=max_rank, seed=seed)

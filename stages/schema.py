@@ -3,9 +3,10 @@ forbidden), checked by the `validate` stage before any train cell runs. Errors n
 typo, the closest valid one: "params.yaml: `train.lerning_rate`: unknown key; did you mean
 `train.learning_rate`?".
 
-The choices are spelled out here rather than imported from the library, so validating costs a pydantic import
-and no torch (tests/test_schema.py keeps them equal to the library's constants). The library (`arca`) checks
-its own arguments again and names them as arguments, for callers without a params.yaml.
+The choices come from the library's torch-free tables, `arca.methods` (methods, schemes, fallbacks, reference
+modes) and `arca.choices` (loss types, schedulers, dtypes, devices, graders, engines), so validating costs a
+pydantic import and no torch, and no list is written out twice. The library (`arca`) checks its own arguments
+and names them as arguments, for callers without a params.yaml.
 """
 
 from __future__ import annotations
@@ -14,32 +15,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from arca.choices import DEVICES, DTYPES, ENGINES, GRADERS, LOSS_TYPES, LR_SCHEDULERS
+from arca.methods import FALLBACKS, METHODS, PERMUTED_SUFFIX, REFERENCE_MODES, SCHEMES
 from stages.strict import Strict, describe
 
-METHODS = (
-    "uniform",
-    "surprisal",
-    "entropy",
-    "entropy_reduction",
-    "kl",
-    "arca",
-    "top_entropy",
-    "divergence",
-    "entropy_drop",
-    "arca_local",
-)
-Method = Literal[
-    "uniform",
-    "surprisal",
-    "entropy",
-    "entropy_reduction",
-    "kl",
-    "arca",
-    "top_entropy",
-    "divergence",
-    "entropy_drop",
-    "arca_local",
-]
+Method = Literal[METHODS]  # arca.methods: the one method table (torch-free, like arca.choices)
 PositiveInt = Annotated[int, Field(gt=0)]
 Count = Annotated[int, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
@@ -48,9 +28,8 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 Select = Literal["sample", "first"]
 
 
-PERMUTED_SUFFIX = "_perm"  # arca.credit_config.PERMUTED_SUFFIX: a permuted run's method label, `arca_perm`
-FALLBACKS = ("raw_mean", "sharpened_sum")  # arca.credit.FALLBACKS
-Fallback = Literal["raw_mean", "sharpened_sum"]
+Fallback = Literal[FALLBACKS]
+Scheme = Literal[SCHEMES]
 
 
 class Run(Strict):
@@ -75,8 +54,15 @@ class Study(Strict):
             label = f"{run.method}{PERMUTED_SUFFIX if run.permute else ''}"
             expected = f"{label}-r{run.rank}-s{run.seed}"
             if run_id != expected:  # dvc.yaml names stages and paths by the id (`${key}`) and derives the cell from it
+                twin = (  # two ids of one cell: one train cell and one set of outputs for both, so name both
+                    f"; {run_id!r} and {expected!r} are the same cell (method {run.method}, rank {run.rank}, seed "
+                    f"{run.seed}{', permute' if run.permute else ''}): drop one, or change its method, rank or seed"
+                    if expected in self.runs
+                    else ""
+                )
                 raise ValueError(
                     f"run id {run_id!r} must be {expected!r} (<method>[{PERMUTED_SUFFIX} if permute]-r<rank>-s<seed>)"
+                    + twin
                 )
         return self
 
@@ -86,7 +72,7 @@ class Model(Strict):
     package: str | None
     gguf_file: str | None
     hub_id: str | None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    dtype: Literal[DTYPES]
     chat_template_kwargs: dict[str, Any]
 
     @model_validator(mode="after")
@@ -164,7 +150,8 @@ class Prompt(Strict):
 
 
 class Lora(Strict):
-    alpha: Positive | None
+    # int | float: the number as written, so `alpha: 16` reaches LoraConfig (and the run's settings hash) as 16
+    alpha: Annotated[int | float, Field(gt=0)] | None
     alpha_per_rank: Positive | None
     dropout: Annotated[float, Field(ge=0, lt=1)]
     target_modules: str | list[str]
@@ -178,9 +165,7 @@ class Lora(Strict):
 
 class Train(Strict):
     learning_rate: Positive
-    lr_scheduler_type: Literal[
-        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
-    ]
+    lr_scheduler_type: Literal[LR_SCHEDULERS]
     warmup_steps: Count
     max_grad_norm: NonNegative
     weight_decay: NonNegative
@@ -194,15 +179,15 @@ class Train(Strict):
     top_p: Annotated[float, Field(gt=0, le=1)] | None
     top_k: Count | None
     beta: NonNegative
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
-    grader: Literal["math_verify", "exact"]
+    loss_type: Literal[LOSS_TYPES]
+    grader: Literal[GRADERS]
     save_steps: PositiveInt
     logging_steps: PositiveInt
     use_vllm: bool
     vllm_mode: Literal["colocate", "server"]
     vllm_importance_sampling_correction: bool
     gradient_checkpointing: bool
-    device: Literal["auto", "cuda", "cpu"]
+    device: Literal[DEVICES]
     num_processes: PositiveInt
     launcher: str
 
@@ -210,28 +195,28 @@ class Train(Strict):
 class MethodCredit(Strict):
     """One method's block under `credit.methods` (composed from the shared keys by conf/credit_methods/)."""
 
-    scheme: Literal["mean", "softmax", "rank"] | None = None
+    scheme: Scheme | None = None
     tau: Positive | None = None
     mix: Fraction | None = None
     w_max: Annotated[float, Field(ge=1)] | None = None
     eps: NonNegative | None = None
     sharpening: Positive | None = None
     salience_dropout: bool | None = None
-    reference: Literal["matched", "reuse"] | None = None
+    reference: Literal[REFERENCE_MODES] | None = None
     layer: int | None = None
     fallback: Fallback | None = None
     top_entropy_quantile: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
 class Credit(Strict):
-    scheme: Literal["mean", "softmax", "rank"]
+    scheme: Scheme
     tau: Positive
     mix: Fraction
     w_max: Annotated[float, Field(ge=1)] | None
     layer: int
     eps: NonNegative
     sharpening: Positive
-    reference: Literal["matched", "reuse"]
+    reference: Literal[REFERENCE_MODES]
     salience_dropout: bool
     top_entropy_quantile: Annotated[float, Field(gt=0, le=1)]
     fallback: Fallback
@@ -249,7 +234,7 @@ class Dump(Strict):
     samples: PositiveInt
     seed: int
     batch_size: PositiveInt
-    engine: Literal["hf", "vllm"]
+    engine: Literal[ENGINES]
 
 
 class Diagnostics(Strict):
@@ -274,7 +259,7 @@ class Evaluate(Strict):
     seed: int
     batch_size: PositiveInt
     primary: Literal["arithmetic", "math", "reasoning"]
-    engine: Literal["hf", "vllm"]
+    engine: Literal[ENGINES]
 
 
 class Faithfulness(Strict):

@@ -3,7 +3,7 @@ run ids, the md5 (as in dvc.lock) of the adapter or dump it came from, and the g
 
     python -m stages.tables [--params params.yaml]
 
-Tables: accuracy (95% intervals over problems, spread over seeds, paired difference to uniform: arca.stats;
+Tables: accuracy (95% intervals over problems, spread over seeds, paired difference to uniform: arca.analysis.stats;
 the CSV holds the numbers, Markdown and LaTeX the formatted cells), concentration (noise-dominated signals
 marked when a run is low-precision), agreement, and noise (SPEC 2b: each signal's rounding noise against
 float32; one line saying so when every run is float32), and training (the ARCA paper's columns per run:
@@ -24,10 +24,8 @@ import pandas as pd
 from arca.analysis.degeneration_report import NOTE as DEGENERATION_NOTE
 from arca.analysis.degeneration_report import degeneration_table
 from arca.analysis.faithfulness_table import FAITHFULNESS_FOOTNOTE, faithfulness_cells, ordered
-from arca.analysis.training_table import TRAINING_FOOTNOTE, training_cells, training_table
-from arca.io import read_json, write_json, write_text
-from arca.lineage import dvc_md5, git_revision
-from arca.tables import (
+from arca.analysis.lineage import dvc_md5, git_revision
+from arca.analysis.tables import (
     ACCURACY_FOOTNOTE,
     NO_LOW_PRECISION,
     NOISE_FOOTNOTE,
@@ -40,11 +38,14 @@ from arca.tables import (
     to_latex,
     to_markdown,
 )
+from arca.analysis.training_table import TRAINING_FOOTNOTE, training_cells, training_table
+from arca.io import read_json, write_json, write_text
+from stages.common import load_valid
 
 RESULTS = Path("results/tables")
 
 
-# grader -> prefix of its per-problem columns in data/eval/<run>.parquet (as arca.evaluation.PREFIXES; not
+# grader -> prefix of its per-problem columns in data/eval/<run>.parquet (as arca.sampling.evaluation.PREFIXES; not
 # imported, so this stage needs no torch): greedy 0/1, mean_k, pass_k. A grader is reported where its greedy
 # column is present; pass_k is absent in evaluations written before it existed.
 GRADER_PREFIXES = {"math_verify": "", "exact": "exact_"}
@@ -145,6 +146,7 @@ def write_table(
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
 def main(params_path: str) -> None:
+    load_valid(params_path)  # reads no params, but a bad params file fails every stage first
     scores = read_scores()
     summary = pd.read_parquet("data/diagnostics/summary.parquet")
     agreement = pd.read_parquet("data/diagnostics/agreement.parquet")

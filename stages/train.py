@@ -14,7 +14,7 @@ TRL checkpoints go to `--checkpoints`, outside the run's DVC outputs: untracked 
 Reads params.yaml `model.{dtype, chat_template_kwargs}`, `lora` (`alpha`, or `alpha_per_rank`: alpha = ratio x
 rank), `train` and `credit.methods.<method>` (only the credit fields the method uses), the base model in
 data/models/base and the prompts in data/prepared/train.parquet; writes the run directory described in
-`arca.training`. Every param is validated before the model loads.
+`arca.run.training`. Every param is validated before the model loads.
 """
 
 from __future__ import annotations
@@ -28,62 +28,17 @@ from typing import Any
 
 import click
 
-from arca.credit_config import METHOD_FIELDS, split_run_method
-from stages.common import check_layer, load_params, parse_run_id, run_id, section
+from arca.methods import METHOD_FIELDS, split_run_method
+from stages.common import check_layer, load_valid, parse_run_id, run_id
 from stages.credit_params import method_credit_config
+from stages.schema import Params, validate
 
 MODEL_DIR = Path("data/models/base")
 TRAIN_PATH = Path("data/prepared/train.parquet")
-# params.yaml `train:` keys -> TrainSettings fields (same names).
-TRAIN_KEYS = (
-    "learning_rate",
-    "max_steps",
-    "prompts_per_step",
-    "num_generations",
-    "max_completion_length",
-    "beta",
-    "temperature",
-    "top_p",
-    "top_k",
-    "loss_type",
-    "save_steps",
-    "logging_steps",
-    "gradient_accumulation_steps",
-    "use_vllm",
-    "vllm_mode",
-    "vllm_importance_sampling_correction",
-    "gradient_checkpointing",
-    "grader",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "max_grad_norm",
-    "weight_decay",
-    "max_prompt_length",
-    "device",
-)
-# Other `train:` keys this stage accepts: `num_processes` (checked against the launched WORLD_SIZE) and `launcher`
-# (the command dvc.yaml starts the stage with; DVC reads it, the stage does not).
-# Float params, by section: YAML reads `1e-5` (no dot) as a string, so these accept numeric strings.
-FLOAT_KEYS = {
-    "train": ("learning_rate", "beta", "temperature", "top_p", "max_grad_norm", "weight_decay"),
-    "lora": ("alpha", "alpha_per_rank", "dropout"),
-}
-
-
-def with_numbers(params: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `params` with the `FLOAT_KEYS` given as strings (e.g. `1e-5`) turned into floats."""
-    params = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
-    for name, keys in FLOAT_KEYS.items():
-        values = params.get(name)
-        for key in keys if isinstance(values, dict) else ():
-            if isinstance(values.get(key), str):
-                try:
-                    values[key] = float(values[key])
-                except ValueError:
-                    raise ValueError(f"params.yaml: {name}.{key} must be a number, got {values[key]!r}") from None
-    return params
-
-
+# `train:` keys that are no `TrainSettings` field: `num_processes` (checked against the launched WORLD_SIZE) and
+# `launcher` (the command dvc.yaml starts the stage with; DVC reads it, the stage does not). Every other `train:`
+# key is the `TrainSettings` field of the same name.
+LAUNCH_KEYS = ("num_processes", "launcher")
 # TrainSettings fields named otherwise in params.yaml or on the command line (the rest are `train.<field>`).
 SETTING_SOURCES = {
     "rank": "--rank",
@@ -96,19 +51,8 @@ SETTING_SOURCES = {
 }
 
 
-def _alpha_per_rank(lora: dict[str, Any], rank: int) -> float:
-    """`lora.alpha_per_rank` x rank: one alpha / rank ratio for a study over several ranks (the paper: alpha = 2r,
-    i.e. 8, 32, 128 at r = 4, 16, 64); exclusive with a fixed `lora.alpha`."""
-    ratio = lora["alpha_per_rank"]
-    if lora.get("alpha") is not None:
-        raise ValueError("params.yaml: lora.alpha and lora.alpha_per_rank are both set; keep one (the other null)")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
-        raise ValueError(f"params.yaml: lora.alpha_per_rank must be a number > 0, got {ratio!r}")
-    return float(ratio) * rank
-
-
 def settings_from_params(
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     method: str,
     rank: int,
     seed: int,
@@ -116,27 +60,18 @@ def settings_from_params(
     checkpoints: Path | None = None,
     permute: bool = False,
 ):
-    """(`TrainSettings`, `CreditConfig`) from params.yaml, validated; no model or data is touched. `permute` is
-    the run's own option (its `study.runs` cell), not a credit key."""
-    from arca.train_settings import SettingError, TrainSettings
+    """(`TrainSettings`, `CreditConfig`) of one run from the schema's typed params (a plain dict is validated
+    first); no model or data is touched. `permute` is the run's own option (its `study.runs` cell), not a credit
+    key. The values come as the schema typed them: no second parse."""
+    from arca.run.settings import SettingError, TrainSettings
 
-    params = with_numbers(params)
+    params = params if isinstance(params, Params) else validate(params)
     credit = method_credit_config(params, method)
     if permute:
         credit = replace(credit, permute=True)
-    lora, train = section(params, "lora"), section(params, "train")
-    model = params.get("model") or {}
-    fields: dict[str, Any] = {k: train[k] for k in TRAIN_KEYS if k in train}
-    fields.update({f"lora_{k}": lora[k] for k in ("alpha", "dropout") if k in lora})
-    if lora.get("alpha_per_rank") is not None:
-        fields["lora_alpha"] = _alpha_per_rank(lora, rank)
-    if "target_modules" in lora:
-        modules = lora["target_modules"]
-        fields["target_modules"] = tuple(modules) if isinstance(modules, list) else modules
-    if "dtype" in model:
-        fields["dtype"] = model["dtype"]
-    if model.get("chat_template_kwargs") is not None:
-        fields["chat_template_kwargs"] = model["chat_template_kwargs"]
+    lora, model = params.lora, params.model
+    fields: dict[str, Any] = params.train.model_dump(exclude=set(LAUNCH_KEYS))
+    modules = lora.target_modules
     try:
         settings = TrainSettings(
             model_dir=MODEL_DIR,
@@ -145,6 +80,12 @@ def settings_from_params(
             checkpoint_dir=checkpoints,
             seed=seed,
             rank=rank,
+            # `lora.alpha_per_rank` x rank: one alpha / rank ratio over several ranks (the paper: alpha = 2r).
+            lora_alpha=lora.alpha if lora.alpha is not None else lora.alpha_per_rank * rank,
+            lora_dropout=lora.dropout,
+            target_modules=modules if isinstance(modules, str) else tuple(modules),
+            dtype=model.dtype,
+            chat_template_kwargs=dict(model.chat_template_kwargs),
             **fields,
         )
     except SettingError as err:  # the library names its field; here the user needs the params key
@@ -157,7 +98,7 @@ def settings_from_params(
 def check_device(device: str) -> None:
     """`train.device: cuda` needs a usable CUDA device: checked before any model loads, in one line naming the
     key, the torch build and the fix (a GPU profile must never fall back to a days-long CPU run)."""
-    from arca.train_settings import SettingError, resolve_device
+    from arca.run.settings import SettingError, resolve_device
 
     try:
         resolve_device(device)
@@ -165,13 +106,11 @@ def check_device(device: str) -> None:
         raise ValueError(f"params.yaml: train.device {err.detail}") from None
 
 
-def check_world_size(params: dict[str, Any]) -> None:
+def check_world_size(params: Params) -> None:
     """`train.num_processes` must be what the launcher started: dvc.yaml runs `${train.launcher} -m stages.train`,
     so a multi-process run is `accelerate launch --num_processes N ...` there, never a re-exec from inside this
     stage (a re-exec that `accelerate launch` answered with a single process recursed without end)."""
-    n = (params.get("train") or {}).get("num_processes", 1)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise click.ClickException(f"params.yaml: train.num_processes must be an int >= 1, got {n!r}")
+    n = params.train.num_processes
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != n:
         raise click.ClickException(
@@ -203,7 +142,7 @@ def resolve_run(
 
 @click.command()
 @click.option("--run", "run", default=None, help="run id, a key of study.runs (e.g. arca_perm-r8-s0)")
-@click.option("--method", default=None, help="credit method, one of arca.credit_config.METHODS")
+@click.option("--method", default=None, help="credit method, one of arca.credit.config.METHODS")
 @click.option("--rank", default=None, type=int, help="LoRA rank")
 @click.option("--seed", default=None, type=int, help="default 0")
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
@@ -224,14 +163,13 @@ def main(
     checkpoints: str | None,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    check_world_size(load_params(params_path))
+    _, params = load_valid(params_path)  # the whole file against the schema first, before anything is touched
+    check_world_size(params)
     run, method, rank, seed, permute = resolve_run(run, method, rank, seed)
     out_dir = Path(out) if out else Path("data/runs") / run
     checkpoint_dir = Path(checkpoints) if checkpoints else Path("data/checkpoints") / run
     try:
-        settings, credit = settings_from_params(
-            load_params(params_path), method, rank, seed, out_dir, checkpoint_dir, permute
-        )
+        settings, credit = settings_from_params(params, method, rank, seed, out_dir, checkpoint_dir, permute)
         check_device(settings.device)
         for path, what in ((MODEL_DIR, "base model directory"), (TRAIN_PATH, "train parquet")):
             if not path.exists():
@@ -240,8 +178,8 @@ def main(
             config = json.loads((MODEL_DIR / "config.json").read_text())
             check_layer(credit.layer, config["num_hidden_layers"], f"credit.methods.{method}.layer")
     except (ValueError, TypeError, OSError) as err:
-        raise click.ClickException(str(err)) from err
-    from arca.training import run_training  # heavy imports (torch, TRL) only after validation
+        raise click.ClickException(str(err)) from None
+    from arca.run.training import run_training  # heavy imports (torch, TRL) only after validation
 
     metrics = run_training(settings, credit)
     click.echo(f"{out_dir}: {metrics.get('steps')} steps, tail reward {metrics.get('reward_tail')}")

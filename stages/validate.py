@@ -1,37 +1,36 @@
-"""Stage `validate`: the whole params.yaml against `stages.schema`, plus the checks that need the base model
-(ARCA's layer index), the installed packages (vLLM) or the machine (`train.device: cuda`), before any train
-cell runs.
+"""Stage `validate`, the first of the pipeline: the whole params.yaml against `stages.schema`, plus the checks
+that need the installed packages (the embedded model's wheel, vLLM), the machine (`train.device: cuda`) or the
+data source (the prompt tables `prepare` would build: a few-shot answer without `\\boxed{}`, an `n` larger than
+the source), before `base`, `prepare` or any train cell runs and so before DVC deletes any of their outputs.
 
-    python -m stages.validate [--params params.yaml] [--model data/models/base] [--out data/params.valid]
+    python -m stages.validate [--params params.yaml] [--out data/params.valid]
 
 dvc.yaml gives this stage every params key, so any edit (a typo in a key no other stage declares included)
-reruns it, in about a second; `prepare` and every train cell depend on its output, whose bytes never change,
-so a passing check reruns nothing downstream and a failing one stops `dvc repro` first.
+reruns it, in a second or two; `base`, `prepare` and every train cell depend on its output, whose bytes never
+change, so a passing check reruns nothing downstream and a failing one stops `dvc repro` first. The checks that
+need the base model (ARCA's layer, `lora.target_modules`) run right after `base`, in `stages.check_model`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from arca.io import write_text
-from stages.common import check_engine, check_layer, load_params
-from stages.schema import validate
-from stages.strict import ParamsError
+from stages.common import check_engine, check_model_source, load_valid
 
 VALID = "params.yaml satisfies stages/schema.py\n"  # constant: downstream stages must not rerun on a passing check
 
 
-def check_model(params, model_dir: Path) -> None:
-    """The checks that read the base model's config: every ARCA layer index exists in it."""
-    config = json.loads((model_dir / "config.json").read_text())
-    layers = config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
-    check_layer(params.credit.layer, layers, "credit.layer")
-    for method, block in params.credit.methods.items():
-        if block.layer is not None:
-            check_layer(block.layer, layers, f"credit.methods.{method}.layer")
+def check_data(raw: dict) -> None:
+    """The prompt tables `prepare` would build, built and dropped: every check of `prepare` (few-shot answers,
+    filters, `n` against the source) fails here, before DVC deletes `prepare`'s committed outputs. A hub source
+    is not downloaded here (this stage stays offline): its `n` is checked by `prepare`."""
+    from stages.prepare import build_tables, check_params
+
+    check_params(raw["data"], raw["prompt"])
+    if raw["data"]["source"] != "hub":
+        build_tables(raw["data"], raw["prompt"])
 
 
 def check_device(params) -> None:
@@ -39,7 +38,7 @@ def check_device(params) -> None:
     loads when the device is not cuda)."""
     if params.train.device != "cuda":
         return
-    from arca.train_settings import SettingError, resolve_device
+    from arca.run.settings import SettingError, resolve_device
 
     try:
         resolve_device(params.train.device)
@@ -55,17 +54,18 @@ def check_engines(raw: dict) -> None:
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "model_dir", default="data/models/base", type=click.Path(file_okay=False))
 @click.option("--out", default="data/params.valid", type=click.Path(dir_okay=False))
-def main(params_path: str, model_dir: str, out: str) -> None:
+def main(params_path: str, out: str) -> None:
+    raw, params = load_valid(params_path)
     try:
-        raw = load_params(params_path)
-        params = validate(raw, params_path)
         check_device(params)
-        check_model(params, Path(model_dir))
+        check_model_source(params.model)
         check_engines(raw)
-    except (ParamsError, ValueError) as err:
+        check_data(raw)
+    except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
+    from arca.io import write_text
+
     write_text(Path(out), VALID)
     click.echo(f"{params_path}: valid ({len(params.study.runs)} runs)")
 

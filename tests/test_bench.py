@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from arca.credit_config import METHODS
+from arca.credit.config import METHODS
 from bench.step_overhead import BenchSize, measure, table
 
 TINY = BenchSize(vocab=64, completion_tokens=3, prompt_words=4, warmup_rounds=0, rounds=1)

@@ -1,1 +1,3 @@
-"""Analysis over finished runs: concentration, faithfulness, statistics, tables, figures (tables in, tables out)."""
+"""From files to findings, no model: concentration and agreement tables, statistics, lineage, the results
+tables and figures, faithfulness and degeneration reports. Imports: `arca.credit`, `arca.tasks`, `arca.methods`,
+`arca.io`; no TRL."""

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from arca.concentration import float32_signals, noise_table, trajectory_table
-from arca.credit_config import CreditConfig
+from arca.analysis.concentration import float32_signals, noise_table, trajectory_table
+from arca.credit.config import CreditConfig
 
 KEYS = ["run", "method", "rank", "seed", "step"]
 # degeneration.parquet: one row per run x signal x scale x dtype.
@@ -44,7 +44,7 @@ def scale_summary(
         frame: SPEC 6 rows of one run and step with `a_<s>`, `w_<s>` for every signal in that dtype, and
             `a32_<s>` (the float32 values) when the dtype is not float32.
         credit: training method -> the credit params the weights were normalized with (for the a32 weights
-            `arca.concentration.noise_table` recomputes).
+            `arca.analysis.concentration.noise_table` recomputes).
     Returns:
         KEYS, signal, trajectories, tokens, gini, etr, agnostic_share, fallback_rate, noise_share, rank_corr
         (NaN without a32) and kl (the `kl` signal's mean raw salience over valid tokens, NaN without it).

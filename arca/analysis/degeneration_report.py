@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from arca.figures import RC, save_png, signal_color
+from arca.analysis.figures import RC, save_png, signal_color
 
 NOTE = (
     "Each adapter at its final checkpoint, every LoRA update scaled by c (c = 0: the reference, 1: as trained), "

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from arca.stats import BOOTSTRAP_SAMPLES, paired_bootstrap_interval
+from arca.analysis.stats import BOOTSTRAP_SAMPLES, paired_bootstrap_interval
 
 TOP_FRAC = 0.05  # top_hit looks at the ceil(TOP_FRAC * n_scored) heaviest scored positions (SPEC 5's top-k)
 METRICS = ("auc", "lift", "top_hit")

@@ -1,6 +1,6 @@
 """The faithfulness figure (SPEC 9): each signal's lift (mean weight on decisive tokens over the mean weight on
 scored tokens, chance 1) with its 95% bootstrap interval, beside its permutation control, one panel per run x
-checkpoint. Drawn from data/faithfulness/<run>/scores.parquet with the house style of `arca.figures`."""
+checkpoint. Drawn from data/faithfulness/<run>/scores.parquet with the house style of `arca.analysis.figures`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from arca.analysis.faithfulness_table import PERMUTED, ordered
-from arca.figures import RC, save_png, signal_color
+from arca.analysis.figures import RC, save_png, signal_color
 
 
 def faithfulness_figure(scores: pd.DataFrame, out: Path, metric: str = "lift") -> Path:

@@ -9,7 +9,7 @@ import math
 
 import pandas as pd
 
-from arca.figures import SIGNAL_ORDER  # SPEC 2 order; any other signal follows, sorted
+from arca.analysis.figures import SIGNAL_ORDER  # SPEC 2 order; any other signal follows, sorted
 
 METRICS = ("auc", "lift", "top_hit")
 PERMUTED = " (permuted)"  # as arca.analysis.faithfulness.PERMUTED (not imported: that module needs torch)

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from arca.stats import wilson_interval
+from arca.analysis.stats import wilson_interval
 
 TRAINING_FOOTNOTE = (
     "Means over every logged training step (the ARCA paper's columns; EffN/T = ETR), from the weights the loss "

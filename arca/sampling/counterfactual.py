@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from arca.rollouts import Prompt, completion_mask_from_ids, prompt_texts
+from arca.sampling.rollouts import Prompt, completion_mask_from_ids, prompt_texts
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def token_effects(
         model: the checkpoint's policy (base + adapter), in eval mode; its greedy decodes make both branches.
         probes: the completions to probe; grade: the training grader (completion text, answer) -> reward.
         max_completion_length: the run's completion budget (train.max_completion_length).
-        eos_ids: the ids that end a completion (`arca.rollouts.eos_token_ids`).
+        eos_ids: the ids that end a completion (`arca.sampling.rollouts.eos_token_ids`).
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     was_training = model.training
@@ -207,7 +207,7 @@ def probes_from_dump(
     chat_template_kwargs: dict | None = None,
 ) -> tuple[pd.DataFrame, list[Probe]]:
     """The completions of one run and step of a dump (SPEC 6 rows: prompt_id, sample, step, pos, token_id) as
-    `Probe`s, with the prompt tokenized exactly as generation tokenized it (`arca.rollouts.prompt_texts`).
+    `Probe`s, with the prompt tokenized exactly as generation tokenized it (`arca.sampling.rollouts.prompt_texts`).
 
     Returns:
         keys (prompt_id, sample per probe, sorted) and the probes in that order.

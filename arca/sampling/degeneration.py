@@ -1,7 +1,7 @@
 """The model side of the degeneration map (SPEC 10): fixed probe rollouts rebuilt from a dump, teacher-forced
 under `pi_c` (arca.sampling.scaling) for every scale `c`, every signal's raw saliences in one dtype.
 
-Why not `arca.signals.compute_signals` per scale: its adapter-off pass does not depend on `c`, so it runs once
+Why not `arca.credit.signals.compute_signals` per scale: its adapter-off pass does not depend on `c`, so it runs once
 per batch here and every scale adds only its adapter-on pass (7 scales: 8 passes instead of 14). The states go
 through the same `signals_from_states`, so at `c = 1` the saliences equal `compute_signals`' bit for bit; `c = 0`
 is the reference itself (no pass at all).
@@ -18,11 +18,11 @@ from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from arca.lora_local import capture_lora_norms
-from arca.rollouts import Prompt, Rollouts, prompt_texts
+from arca.credit.lora_local import capture_lora_norms
+from arca.credit.signals import needs_lora, signals_from_states
+from arca.credit.vocab import logit_map
+from arca.sampling.rollouts import Prompt, Rollouts, prompt_texts
 from arca.sampling.scaling import scaled_adapter
-from arca.signals import needs_lora, signals_from_states
-from arca.vocab import logit_map
 
 COMPLETION_KEYS = ["prompt_id", "sample"]
 
@@ -34,7 +34,7 @@ def rollouts_from_dump(
     chat_template_kwargs: dict | None = None,
 ) -> tuple[Rollouts, pd.DataFrame]:
     """The completions of one run and step of a dump (SPEC 6 rows) as `Rollouts`: each prompt tokenized as
-    generation tokenized it (`arca.rollouts.prompt_texts`), left-padded to P, the dumped token ids (every valid
+    generation tokenized it (`arca.sampling.rollouts.prompt_texts`), left-padded to P, the dumped token ids (every valid
     token, EOS included) right-padded to C, completion mask 1 exactly on the dumped tokens.
 
     Args:
@@ -107,7 +107,7 @@ def scaled_saliences(
     Args:
         model: base + LoRA (`peft.PeftModel`); every module's train/eval mode is restored afterwards.
         rollouts: the fixed tokens (`rollouts_from_dump`); scales: the `c` values, each >= 0.
-        signals: registered signal names; layer, temperature: as in `arca.signals.compute_signals`.
+        signals: registered signal names; layer, temperature: as in `arca.credit.signals.compute_signals`.
     """
     if not isinstance(model, PeftModel):
         raise ValueError("model: the degeneration map scales a LoRA adapter; pass a peft.PeftModel")
@@ -124,7 +124,7 @@ def scaled_saliences(
             with model.disable_adapter():
                 ref = _states(model, ids, attn, layer)
             for c in scales:
-                if c == 0:  # pi_0 is the reference bit for bit (tests/test_scaling.py): no pass, no LoRA output
+                if c == 0:  # pi_0 is the reference bit for bit (tests/sampling/test_scaling.py): no pass or LoRA output
                     policy = ref
                     norms = torch.zeros(mask.shape, dtype=torch.float32, device=device) if use_lora else None
                 else:

@@ -1,6 +1,6 @@
 """The adapter merged into copies of the base weights, `W + s B A`, never into the base weights themselves.
 
-Two users: TRL's vLLM weight sync (`arca.trainer`), which otherwise runs PEFT's `merge_adapter()` /
+Two users: TRL's vLLM weight sync (`arca.grpo.trainer`), which otherwise runs PEFT's `merge_adapter()` /
 `unmerge_adapter()` in place at every step, and HF decoding in evaluation (`merged_copy`), where an unmerged
 LoRA model pays two extra rank-r matmuls per module per token.
 
@@ -9,7 +9,7 @@ weight's entries (measured on CPU), so the frozen base drifted at every step and
 being the base that dump and evaluate load. The merged weight here is computed in float32 and rounded once to
 the weight's dtype, which is also what a merge in the weight's dtype approximates.
 
-Left out: LoRA variants (DoRA; refused by `arca.lora_local.lora_layers`), sharded weights (ZeRO-3 / FSDP keep
+Left out: LoRA variants (DoRA; refused by `arca.credit.lora_local.lora_layers`), sharded weights (ZeRO-3 / FSDP keep
 TRL's own path), and `modules_to_save` copies beyond passing their trained weights through.
 """
 
@@ -23,7 +23,7 @@ import torch
 from peft import PeftModel
 from torch import Tensor, nn
 
-from arca.lora_local import lora_layers
+from arca.credit.lora_local import lora_layers
 
 
 def merged_weight(layer: nn.Module) -> Tensor:

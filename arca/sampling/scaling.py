@@ -3,7 +3,7 @@ LoRA layer's `scaling[adapter]` in place, and the relative size of that update a
 
 Why the scaling and not the weights: `s_m` is a Python float PEFT multiplies in at every forward, so scaling it
 touches no tensor (nothing to round in bf16), `c = 0` is exactly the reference (`result + 0 * lora`), `c = 1`
-is exactly the adapter, and `arca_local` (arca.lora_local reads `scaling`) measures `c s_m B_m A_m x` too.
+is exactly the adapter, and `arca_local` (arca.credit.lora_local reads `scaling`) measures `c s_m B_m A_m x` too.
 `disable_adapter()` inside the block still gives the reference: PEFT skips the LoRA branch altogether.
 """
 
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from arca.lora_local import lora_layers
+from arca.credit.lora_local import lora_layers
 
 
 def _active(layer) -> list[str]:

@@ -1,1 +1,2 @@
-"""Problem sources, prompts and graders: tables and strings in and out, no torch."""
+"""Problems, prompts and graders: MATH sources, the seeded arithmetic and reasoning sources, prompt formats,
+`\\boxed{}` grading and the reward functions. Imports: `arca.methods` and `arca.io` only; no torch."""

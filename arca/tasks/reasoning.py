@@ -1,7 +1,7 @@
 """A seeded, verifiable source of multi-step arithmetic problems with worked steps: "What is $3 + 4 - 5$?",
 solved as `3 + 4 = 7. 7 - 5 = 2. The answer is \\boxed{2}.`
 
-Why: the one-digit additions of `arca.arithmetic` give ~11-token completions, nothing to assign credit over.
+Why: the one-digit additions of `arca.tasks.arithmetic` give ~11-token completions, nothing to assign credit over.
 Chaining operands makes the embedded 135M model write every intermediate result (~30 tokens), and one wrong
 step decides the reward, so token-level credit has something to find. Operands are one digit, `+` and `-`, and
 by default no intermediate result goes below zero (SmolLM2-135M rarely gets a negative step right).
@@ -78,7 +78,7 @@ def reasoning_problems(
     max_operand: int = 9,
     allow_negative: bool = False,
 ) -> pd.DataFrame:
-    """`n` distinct problems in the normalized problem-table layout (as `arca.arithmetic`), worked solutions.
+    """`n` distinct problems in the normalized problem-table layout (as `arca.tasks.arithmetic`), worked solutions.
 
     Args:
         n: number of problems (at most the number of distinct ones, `count_problems` summed over the range).

@@ -1,0 +1,407 @@
+"""GRPO with per-token credit (SPEC section 4): TRL's `GRPOTrainer` with the advantage `A_i` of every token
+scaled by a detached weight `w_i,t` with mean 1 per completion, computed from the forward passes TRL already runs.
+The credit comes from `args` (`CreditGRPOConfig`'s `credit_*` fields).
+
+The seams: `_compute_loss` (arms the hooks of `arca.grpo.capture` and builds the weights between TRL's loss forward and
+the point where TRL reads the advantages, which it accepts as `(B, T)`), `_get_per_token_logps_and_entropies`
+(routes TRL's passes), `get_high_entropy_mask` (`top_entropy`), `_generate_and_score_completions` (counts tokens,
+carries `reuse` states), `_get_train_sampler` (resumable order) and `log` (noise probe). `uniform` goes through
+TRL untouched: bit-identical to a plain `GRPOTrainer`. `top_entropy` takes TRL's high-entropy mask (top
+`top_entropy_quantile` of the micro-batch's token entropies, all processes) as its salience, normalized like any
+other (SPEC 3; with scheme `mean` a kept token weighs `T / k`, the others 0, and a row with no kept token falls
+back to uniform), and TRL does not apply the mask again: the loss gets exactly the weights the log reports.
+
+Where the states come from: TRL's fused LM head never returns logits or hidden states, so forward hooks on the
+backbone (or on the decoder layer `credit_layer` picks) keep its output while a pass of interest runs, and
+hooks on every LoRA layer add up `||s B A x||` for `arca_local` (`arca.credit.lora_local`, read from each layer's
+input before dropout).
+
+Exactness (SPEC 2b). A reference-comparing salience (`arca`, `kl`, `entropy_reduction`, `divergence`) subtracts
+an adapter-on and an adapter-off pass; in bfloat16 any difference between the two passes besides the adapter
+(other rows in a chunk, other padding, dropout) is rounding noise as large as the signal. `credit_reference`:
+- `matched` (default, exact): the adapter-off pass runs inside `_compute_loss` on exactly the loss micro-batch,
+  through the TRL function the loss forward uses (same tensors, one chunk, eval mode, no grad), so with LoRA
+  `B = 0` every such salience is exactly 0 in any dtype. TRL's generation-time reference call is
+  short-circuited and `ref_per_token_logps` (the KL penalty's input, read only in `_compute_loss`) comes from
+  the matched pass: zero extra passes at `beta > 0`, one per micro-batch at `beta = 0`. With
+  `num_iterations > 1` the matched result of the first iteration is cached in TRL's buffered micro-batch and
+  reused: the base weights are frozen, so recomputing it would give the same bits.
+- `reuse` (not exact): TRL's generation-time reference pass at `beta > 0` (chunks of other rows, shuffled
+  afterwards), one extra backbone pass per micro-batch over the generation batch at `beta = 0`.
+Dropout: when the model has any (LoRA dropout > 0 and TRL's `disable_dropout` off), the training forward is
+random. Unless `credit_salience_dropout` (the paper's code, for fidelity only), every method with states then
+takes its adapter-on states from one extra no-grad pass in eval mode on the same micro-batch (the cost of a
+forward without backward), so a batch's weights do not depend on the dropout draw. `arca_local` too: its hooks
+read each LoRA layer's input before that layer's dropout, but the dropout of every earlier layer is in it.
+
+Logged (`credit/<name>` in TRL's log): `arca.grpo.credit_log.CREDIT_METRICS` of the weights the loss receives, regime
+fractions at SPEC 5's default thresholds (constants: the analysis thresholds belong to the diagnose stage), and
+in low-precision runs the running noise estimate of `arca.grpo.noise_probe`.
+
+Left out: a non-PEFT policy (the reference must be the same weights under `disable_adapter()`), vision inputs
+in the `reuse` extra pass at `beta = 0`, the weights' effect on TRL's entropy bonus (unweighted, on every token,
+`top_entropy` included), a dropout-free pass for `top_entropy` (its entropies are TRL's, from the loss forward),
+and the noise probe under ZeRO/FSDP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Any, ClassVar
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor, nn
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx, use_adapter
+
+from arca.credit.config import CreditConfig
+from arca.credit.lora_local import LoraNormCapture
+from arca.credit.normalize import normalize, permutation_seeds, permute_weights
+from arca.credit.signals import logit_map, needs_logits, needs_lora, needs_reference, signals_from_states
+from arca.grpo.capture import (
+    FORWARD_KEYS,
+    StateCapture,
+    backbone,
+    eval_mode,
+    has_dropout,
+    layer_module,
+    loss_mask,
+    sequences,
+)
+from arca.grpo.config import CreditGRPOConfig, trainer_credit
+from arca.grpo.credit_log import CREDIT_METRICS, credit_sums
+from arca.grpo.noise_probe import NOISE_SIGNALS, NoiseProbe
+from arca.grpo.sampler import EpochSeededRepeatSampler
+from arca.sampling.merged import sync_merged_copies
+
+__all__ = ["CREDIT_METRICS", "NOISE_SIGNALS", "REF_KEY", "CreditGRPOTrainer"]
+
+# Batch keys holding adapter-off states (B, T, H), one per state source ("final" and/or "arca").
+REF_KEY = "credit_ref_{}"
+# Key of the matched adapter-off result cached in TRL's buffered micro-batch (num_iterations > 1).
+_MATCHED_CACHE = "credit_matched_reference"
+_STATELESS = ("uniform", "top_entropy")  # methods whose weights need no captured states
+
+
+class CreditGRPOTrainer(GRPOTrainer):
+    """`GRPOTrainer` whose per-token advantage is `A_i * w_i,t`, with `w` from `args.credit` (SPEC sections 2-4).
+
+    Args:
+        model, reward_funcs, *rest, **kwargs: as for `trl.GRPOTrainer`. Pass the base model with `peft_config=`:
+            with an already wrapped `PeftModel` and `beta != 0`, TRL's reference is a frozen adapter copy, not the
+            base model.
+        args: a `CreditGRPOConfig`; None = its defaults (`credit_method="arca"`).
+        credit: deprecated, only next to a plain `GRPOConfig` (whose `top_entropy_quantile` must then match).
+
+    Attributes:
+        credit: the run's `CreditConfig` (`args.credit`).
+        generated_tokens: completion tokens generated so far in training (sum of completion masks, all
+            processes); the caller restores it when resuming.
+        last_credit: the last micro-batch's `saliences`, `weights` (B, T), `fallback` (B,) and `mask`.
+    """
+
+    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "arca"]
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any,
+        args: CreditGRPOConfig | None = None,
+        *rest: Any,
+        credit: CreditConfig | None = None,
+        **kwargs: Any,
+    ):
+        args, self.credit = trainer_credit(model, args, credit)
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        self.generated_tokens = 0
+        self.last_credit: dict[str, Tensor] | None = None
+        method = self.credit.method
+        stateless = method in _STATELESS
+        self._needs_reference = not stateless and needs_reference((method,))
+        self._needs_states = not stateless and (self._needs_reference or needs_logits((method,)))  # hooked states
+        self._needs_lora = not stateless and needs_lora((method,))
+        self._matched = self._needs_reference and self.credit.reference == "matched"
+        self._loss_inputs: dict[str, Any] | None = None  # the batch whose advantages the loss forward sets
+        self._entropy_inputs: dict[str, Any] | None = None  # the same for `top_entropy`'s mask
+        self._in_generation = False
+        self._ref_states: dict[str, Tensor] | None = None
+        self._check_setup()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._capture = StateCapture(self._state_sources()) if self._needs_states else None
+        self._lora_capture = LoraNormCapture(unwrapped) if self._needs_lora else None
+        if self._needs_reference:
+            self._adapter_layer = next(m for m in unwrapped.modules() if isinstance(m, BaseTunerLayer))
+        self._logit_map = logit_map(unwrapped)
+        # A random training forward (dropout) must not feed the salience: it gets its own dropout-free pass.
+        self._dropout_free_pass = (
+            (self._needs_states or self._needs_lora) and not self.credit.salience_dropout and has_dropout(unwrapped)
+        )
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        self._noise = NoiseProbe(unwrapped, self.accelerator, self.credit.layer, self.temperature, sharded)
+        self._sync_merged_copies()
+
+    def _sync_merged_copies(self) -> None:
+        """`use_vllm`: vLLM gets `W + s B A` copies, never TRL's in-place bf16 merge/unmerge (`arca.sampling.merged`);
+        sharded weights (ZeRO-3, FSDP) keep TRL's path, since a copy needs the whole weight."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        zero3 = self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3
+        if getattr(self, "vllm_generation", None) is not None and not (self.is_fsdp_enabled or zero3):
+            sync_merged_copies(self.vllm_generation, lambda: self.accelerator.unwrap_model(self.model))
+
+    def _check_setup(self) -> None:
+        method, quantile = self.credit.method, self.args.top_entropy_quantile
+        if method == "top_entropy" and quantile != self.credit.top_entropy_quantile:
+            raise ValueError(
+                f"top_entropy_quantile: must equal credit.top_entropy_quantile {self.credit.top_entropy_quantile} "
+                f"(use CreditGRPOConfig, which sets it), got {quantile}"
+            )
+        if method != "top_entropy" and quantile != 1.0:
+            raise ValueError(
+                f"top_entropy_quantile: would mask tokens on top of method {method!r}; leave it at 1.0 "
+                f"(credit_method='top_entropy' sets it), got {quantile}"
+            )
+        if not (self._needs_reference or self._needs_lora):
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, "disable_adapter"):
+            raise ValueError(f"model: method {method!r} needs the LoRA adapter; pass peft_config=LoraConfig(...)")
+        if self._needs_reference and "ref" in model.peft_config:
+            raise ValueError(
+                f"model: method {method!r} needs the base model as reference, but TRL made a frozen "
+                "adapter copy ('ref'); pass the unwrapped model with peft_config= instead"
+            )
+
+    def _state_sources(self) -> dict[str, nn.Module]:
+        """Which modules' outputs the method reads: `final` for logits signals, `arca` for the residual."""
+        decoder = backbone(self.accelerator.unwrap_model(self.model))
+        if self.credit.method == "arca":
+            return {"arca": layer_module(decoder, self.credit.layer)}
+        return {"final": decoder}
+
+    @contextmanager
+    def _captured(self, num_tokens: int) -> Iterator[dict[str, Tensor]]:
+        """Arm the method's hooks for the passes run inside the block. On exit the yielded dict holds the (B, T, H)
+        states (`final` or `arca`) and/or the (B, T) LoRA norms (`lora`) at the positions predicting the last
+        `num_tokens` tokens, chunks concatenated along the batch."""
+        captured: dict[str, Tensor] = {}
+        with ExitStack() as stack:
+            if self._capture is not None:
+                stack.enter_context(self._capture.arm())
+            if self._lora_capture is not None:
+                stack.enter_context(self._lora_capture.arm(num_tokens))
+            yield captured
+        if self._capture is not None:
+            captured.update(self._capture.completion_states(num_tokens))
+        if self._lora_capture is not None:
+            captured["lora"] = self._lora_capture.norms()
+
+    def _get_train_sampler(self, dataset=None) -> RepeatSampler:
+        return EpochSeededRepeatSampler.for_trainer(self, dataset)
+
+    # ---- generation: in `reuse` mode the adapter-off states ride along with the batch -----------------------
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        self._in_generation, self._ref_states = True, None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._in_generation = False
+        if self._needs_reference and not self._matched:
+            states = self._ref_states if self.beta != 0.0 else self._reference_pass(output)
+            self._ref_states = None
+            if states is None:
+                raise RuntimeError("credit: TRL's reference pass (beta != 0) was not captured")
+            # First dim = batch, so TRL shuffles and splits them with everything else.
+            output.update({REF_KEY.format(name): h for name, h in states.items()})
+        if self.model.training:
+            local = output["completion_mask"].sum()
+            self.generated_tokens += int(self.accelerator.gather(local.reshape(1)).sum().item())
+        return output
+
+    @torch.no_grad()
+    def _reference_pass(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The extra pass `reuse` costs at `beta == 0`: the backbone alone, adapter off, in micro-batch chunks."""
+        input_ids, attention_mask, num_tokens = sequences(batch)  # (B, P + T) each
+        chunk = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        model = self.accelerator.unwrap_model(self.model)
+        decoder = backbone(model)
+        with (
+            use_adapter(model, adapter_name=None),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._capture.arm() as capture,
+        ):
+            for start in range(0, input_ids.size(0), chunk):
+                with self.accelerator.autocast():
+                    decoder(
+                        input_ids=input_ids[start : start + chunk],
+                        attention_mask=attention_mask[start : start + chunk],
+                        use_cache=False,
+                    )
+        return capture.completion_states(num_tokens)
+
+    # ---- loss: weights between TRL's forward and its use of the advantages ----------------------------------
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        role = self._pass_role()
+        if role == "reference" and self._matched:
+            # TRL's generation-time reference pass is replaced by the matched one in `_compute_loss`; without a
+            # value TRL leaves `ref_per_token_logps` out of the batch.
+            return None, None, None
+        if role is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        with self._captured(logits_to_keep) as captured:
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        if role == "reference":
+            self._ref_states = captured
+        else:
+            inputs, self._loss_inputs = self._loss_inputs, None
+            self._apply_credit(inputs, captured)
+        return result
+
+    def _pass_role(self) -> str | None:
+        """`policy` for the loss forward whose states set the weights, `reference` for TRL's generation-time
+        adapter-off pass (kept by `reuse`, skipped by `matched`), None for any other pass."""
+        if self._loss_inputs is not None:
+            return "policy"
+        if self._in_generation and self._needs_reference and self._adapter_layer.disable_adapters:
+            return "reference"
+        return None
+
+    def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+        if self.model.training:
+            self._noise.keep(inputs)
+        if self.credit.method == "uniform":
+            loss = super()._compute_loss(model, inputs)
+            self._log_uniform_credit(inputs)
+            return loss
+        batch, inputs = inputs, dict(inputs)  # a copy: with num_iterations > 1 the buffered batch is reused
+        if self.credit.method == "top_entropy":
+            self._entropy_inputs = inputs  # `get_high_entropy_mask` sets its advantages
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self._entropy_inputs = None
+        if self._matched:
+            inputs.update(self._matched_reference(model, batch))
+        if self._dropout_free_pass and self.model.training:
+            policy, _ = self._salience_pass(model, inputs, adapter=True)
+            self._apply_credit(inputs, policy)
+            return super()._compute_loss(model, inputs)
+        self._loss_inputs = inputs
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._loss_inputs = None
+
+    def _matched_reference(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The adapter-off states (`REF_KEY`) of exactly this micro-batch, plus TRL's `ref_per_token_logps` when
+        `beta != 0`. Cached in `batch` when TRL reuses it (`num_iterations > 1`): the base weights are frozen,
+        so the same tensors give the same adapter-off pass at every iteration."""
+        if _MATCHED_CACHE in batch:
+            return batch[_MATCHED_CACHE]
+        states, ref_logps = self._salience_pass(model, batch, adapter=False)
+        reference: dict[str, Tensor] = {REF_KEY.format(name): h for name, h in states.items()}
+        if self.beta != 0.0:
+            reference["ref_per_token_logps"] = ref_logps  # (B, T)
+        if self.num_iterations > 1:
+            batch[_MATCHED_CACHE] = reference
+        return reference
+
+    @torch.no_grad()
+    def _salience_pass(
+        self, model: nn.Module, batch: dict[str, Any], adapter: bool
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """One no-grad pass over exactly `batch`, adapter on or off, through the TRL function the loss forward
+        uses (one chunk, same tensors), in eval mode (no dropout).
+
+        Returns:
+            The captured states (see `_captured`) and the per-token log-probs (B, T) of the completion tokens.
+        """
+        input_ids, attention_mask, num_tokens = sequences(batch)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with (
+            nullcontext() if adapter else use_adapter(unwrapped, adapter_name=None),
+            eval_mode(self.model),
+            self._captured(num_tokens) as states,
+        ):
+            logps, _, _ = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, num_tokens, **{k: batch.get(k) for k in FORWARD_KEYS}
+            )
+        return states, logps
+
+    def get_high_entropy_mask(self, entropies: Tensor, mask: Tensor, threshold: float) -> Tensor | None:
+        kept = super().get_high_entropy_mask(entropies, mask, threshold)  # (B, T) bool
+        if self._entropy_inputs is None:
+            return kept
+        self._set_weights(self._entropy_inputs, kept.float())  # salience 1 on kept tokens, 0 elsewhere
+        return None  # the mask is in the weights: TRL must not apply it to the loss a second time
+
+    def _apply_credit(self, inputs: dict[str, Any], policy: dict[str, Tensor]) -> None:
+        """Turn the adapter-on states (`final`/`arca` (B, T, H), `lora` (B, T)) and the batch's adapter-off states
+        into saliences, and the saliences into the batch's per-token advantages (`_set_weights`)."""
+        method = self.credit.method
+        ref = {name: inputs.get(REF_KEY.format(name)) for name in ("final", "arca")}
+        lm_head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        saliences = signals_from_states(
+            inputs["completion_ids"],
+            loss_mask(inputs),
+            policy.get("final"),
+            lm_head,
+            ref["final"],
+            policy_arca_hidden=policy.get("arca"),
+            ref_arca_hidden=ref["arca"],
+            lora_norms=policy.get("lora"),
+            to_logits=self._logit_map,
+            names=(method,),
+            temperature=self.temperature,
+            gather_head=maybe_gather_lm_head_ctx,  # ZeRO-3 shards the head
+        )[method]  # (B, T)
+        self._set_weights(inputs, saliences)
+
+    def _set_weights(self, inputs: dict[str, Any], saliences: Tensor) -> None:
+        """Normalize (B, T) `saliences` (SPEC 3), permute them with `credit.permute`, and set
+        `inputs["advantages"]` to `A_i * w_i,t` (SPEC 4)."""
+        mask = loss_mask(inputs)  # (B, T)
+        weights, fallback = normalize(saliences, mask, **self.credit.normalization())
+        if self.credit.permute:  # seeded by the run seed, the optimizer step and each row's tokens (every process)
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)  # (B, P + T)
+            rows = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)  # (B, P + T)
+            seeds = permutation_seeds(self.args.seed, self.state.global_step, ids, rows)  # (B,)
+            weights = permute_weights(weights, mask, seeds)
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)  # (B, 1)
+        inputs["advantages"] = advantages * weights.to(advantages.device)  # (B, T); w is built from detached states
+        self.last_credit = {"saliences": saliences, "weights": weights, "fallback": fallback, "mask": mask}
+        self._log_credit(weights, mask, fallback)
+
+    # ---- diagnostics ----------------------------------------------------------------------------------------
+
+    def _log_uniform_credit(self, inputs: dict[str, Any]) -> None:
+        """Diagnostics of `uniform`: all-ones weights on the loss tokens, no fallback."""
+        mask = loss_mask(inputs).float()  # (B, T)
+        self.last_credit = {"weights": mask, "fallback": torch.zeros(len(mask), dtype=torch.bool), "mask": mask}
+        self._log_credit(mask, mask, self.last_credit["fallback"])
+
+    def _log_credit(self, weights: Tensor, mask: Tensor, fallback: Tensor) -> None:
+        """Append this micro-batch's means of `CREDIT_METRICS` (over every process) to TRL's metrics."""
+        device = self.accelerator.device
+        local = torch.as_tensor(credit_sums(weights, mask, fallback), dtype=torch.float64, device=device)  # (7,)
+        totals = self.accelerator.gather(local[None]).sum(0)  # (7,)
+        means = (totals[:-1] / totals[-1].clamp_min(1.0)).tolist()
+        max_weight = self.accelerator.gather(weights.detach().amax().reshape(1).float().to(device)).max().item()
+        for name, value in zip(CREDIT_METRICS, [*means, max_weight]):
+            self._metrics["train" if self.model.training else "eval"][f"credit/{name}"].append(value)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs:  # a training logging step: the running noise estimate
+            for name, value in self._noise.measure().items():
+                self._metrics["train"][f"credit/{name}"].append(value)
+        super().log(logs, start_time)
