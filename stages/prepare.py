@@ -28,114 +28,20 @@ import pandas as pd
 
 from arca.io import write_json, write_parquet
 from arca.tasks.arithmetic import arithmetic_problems
-from arca.tasks.grading import extract_boxed
-from arca.tasks.prompts import PROBLEM_FIELD, build_prompt, raw_prompt
+from arca.tasks.prompts import build_prompt, raw_prompt
 from arca.tasks.reasoning import reasoning_problems
-from arca.tasks.sources import SELECTIONS, filter_problems, load_embedded, load_hub, load_math_path, normalize_table
+from arca.tasks.sources import filter_problems, load_embedded, load_hub, load_math_path, normalize_table
 from stages.common import load_valid, section
 
-SOURCES = ("embedded", "path", "hub")
 # Seeded generated sources: name -> f(n, seed=...) -> problem table; each name is also an eval set (`data.eval.<name>`).
 SYNTHETIC = {"arithmetic": arithmetic_problems, "reasoning": reasoning_problems}
 TRAIN_SOURCES = ("arithmetic", "math", "reasoning")
-EVAL_SPLITS = ("math500", "test")
-PROMPT_FORMATS = ("chat", "raw")
 _FILTERS = ("levels", "subjects", "max_answer_chars")
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def eval_split(data: dict, block: dict) -> str:
     """The MATH split a `data.eval.<set>` block reads: its `split`, else the source's default (module docstring)."""
     return block.get("split") or ("math500" if data.get("source") == "embedded" else "test")
-
-
-def _check_eval_block(data: dict, key: str, block: dict) -> None:
-    split = block.get("split")
-    if split is not None and split not in EVAL_SPLITS:
-        raise ValueError(f"params.yaml: {key}.split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
-    if split == "math500" and data["source"] == "hub":
-        raise ValueError(
-            f"params.yaml: {key}.split: math500 cannot come from data.source hub (data.hub_name is one dataset for "
-            "train and test); use split: test, or data.source: embedded"
-        )
-    path = Path(data.get("path") or "")
-    if split == "math500" and data["source"] == "path" and not path.name.lower().endswith((".jsonl", ".parquet")):
-        raise ValueError(
-            f"params.yaml: {key}.split: math500 but data.path {path} is a MATH tarball or folder, which holds the "
-            "full 5,000-problem test split; use split: test, point data.path at a MATH-500 .jsonl, or use "
-            "data.source: embedded"
-        )
-
-
-def check_prompt(prompt: dict) -> None:
-    """`prompt.format` and what each format allows; the errors name the key and the fix."""
-    fmt = prompt.get("format", "chat")
-    if fmt not in PROMPT_FORMATS:
-        raise ValueError(f"params.yaml: prompt.format must be one of {', '.join(PROMPT_FORMATS)}, got {fmt!r}")
-    template = prompt.get("template")
-    if fmt == "chat":
-        if template is not None:
-            raise ValueError("params.yaml: prompt.template is used only with prompt.format: raw; remove it or set raw")
-        for index, shot in enumerate(prompt.get("few_shot") or []):  # the model learns its answer format here
-            if not isinstance(shot, dict) or extract_boxed(str(shot.get("answer", ""))) is None:
-                raise ValueError(
-                    f"params.yaml: prompt.few_shot[{index}].answer has no complete \\boxed{{...}}; end it with one"
-                )
-        return
-    if not isinstance(template, str) or PROBLEM_FIELD not in template:
-        raise ValueError(
-            f"params.yaml: prompt.template must be a string containing {PROBLEM_FIELD} when prompt.format is raw, "
-            f"got {template!r}"
-        )
-    if prompt.get("few_shot"):
-        raise ValueError(
-            "params.yaml: prompt.few_shot must be empty when prompt.format is raw (the template is the whole "
-            "prompt); use [] or prompt.format: chat"
-        )
-    if prompt.get("system") is not None:
-        raise ValueError(
-            "params.yaml: prompt.system must be null when prompt.format is raw (put the instruction in "
-            "prompt.template); use null or prompt.format: chat"
-        )
-
-
-def check_params(data: dict, prompt: dict | None = None) -> None:
-    """Fail before loading anything, naming the params.yaml key."""
-    if data.get("source") not in SOURCES:
-        raise ValueError(f"params.yaml: data.source must be one of {SOURCES}, got {data.get('source')!r}")
-    if data["source"] == "path" and not data.get("path"):
-        raise ValueError("params.yaml: data.path is required when data.source is 'path'")
-    if data["source"] == "hub" and not data.get("hub_name"):
-        raise ValueError("params.yaml: data.hub_name is required when data.source is 'hub'")
-    train = section(data, "train")
-    if train.get("source") not in TRAIN_SOURCES:
-        raise ValueError(f"params.yaml: data.train.source must be one of {TRAIN_SOURCES}, got {train.get('source')!r}")
-    blocks = [("data.train", train, train["source"] == "math")]
-    blocks += [(f"data.eval.{k}", v, k not in SYNTHETIC) for k, v in section(data, "eval").items()]
-    for key, block, is_math in blocks:
-        if not isinstance(block, dict):
-            raise ValueError(f"params.yaml: {key} must be a mapping (n, levels, subjects, ...), got {block!r}")
-        n = block.get("n")
-        if not (_positive_int(n) or (n is None and is_math)):
-            allowed = "a positive int, or null for every usable problem" if is_math else "a positive int"
-            raise ValueError(f"params.yaml: {key}.n must be {allowed}, got {n!r}")
-        for name in ("levels", "subjects"):
-            if block.get(name) is not None and not block.get(name):
-                raise ValueError(f"params.yaml: {key}.{name} is empty; use null for no filter")
-        if is_math and block.get("select", "sample") not in SELECTIONS:
-            raise ValueError(
-                f"params.yaml: {key}.select must be one of {', '.join(SELECTIONS)}, got {block.get('select')!r}"
-            )
-        if key.startswith("data.eval.") and is_math:
-            _check_eval_block(data, key, block)
-    probe_n = section(data, "probe").get("n")
-    if not _positive_int(probe_n):
-        raise ValueError(f"params.yaml: data.probe.n must be a positive int, got {probe_n!r}")
-    if prompt is not None:
-        check_prompt(prompt)
 
 
 def load_math(data: dict, split: str, eval_split_name: str | None = None) -> pd.DataFrame:
@@ -232,8 +138,7 @@ def build_tables(data: dict, prompt: dict) -> tuple[pd.DataFrame, pd.DataFrame, 
 def main(params_path: str, out: str, metrics: str) -> None:
     params = load_valid(params_path)[0]  # the whole file first (the validate stage has also built these tables)
     data, prompt = section(params, "data"), section(params, "prompt")
-    try:
-        check_params(data, prompt)
+    try:  # every params check is the schema's (`load_valid`); what is left needs the data: `n` against the source
         train, eval_df, counts = build_tables(data, prompt)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from arca.choices import DEVICES, DTYPES, ENGINES, GRADERS, LOSS_TYPES, LR_SCHEDULERS
 from arca.methods import FALLBACKS, METHODS, PERMUTED_SUFFIX, REFERENCE_MODES, SCHEMES
+from arca.tasks.boxed import extract_boxed
 from stages.strict import Strict, describe
 
 Method = Literal[METHODS]  # arca.methods: the one method table (torch-free, like arca.choices)
@@ -82,7 +83,18 @@ class Model(Strict):
         return self
 
 
-class TrainData(Strict):
+class _Filters(Strict):
+    """The MATH filters of a train or eval block: null is no filter, an empty list would select nothing."""
+
+    @field_validator("levels", "subjects", check_fields=False)
+    @classmethod
+    def _not_empty(cls, value: list | None) -> list | None:
+        if value is not None and not value:
+            raise ValueError("is empty; use null for no filter")
+        return value
+
+
+class TrainData(_Filters):
     source: Literal["arithmetic", "math", "reasoning"]
     n: PositiveInt | None
     select: Select
@@ -90,6 +102,15 @@ class TrainData(Strict):
     subjects: list[str] | None
     max_answer_chars: PositiveInt | None
     seed: int
+
+    @model_validator(mode="after")
+    def _null_n_only_for_math(self) -> TrainData:
+        if self.n is None and self.source != "math":
+            raise ValueError(
+                f"data.train.n must be a positive int for source {self.source} (null, every usable "
+                "problem, only for source math)"
+            )
+        return self
 
 
 class ArithmeticEval(Strict):
@@ -100,7 +121,7 @@ class ReasoningEval(Strict):
     n: PositiveInt
 
 
-class MathEval(Strict):
+class MathEval(_Filters):
     split: Literal["math500", "test"]
     n: PositiveInt | None
     select: Select
@@ -130,10 +151,38 @@ class Data(Strict):
     eval: EvalData
     probe: Probe
 
+    @model_validator(mode="after")
+    def _source_has_what_it_needs(self) -> Data:
+        if self.source == "path" and not self.path:
+            raise ValueError("data.path is required when data.source is 'path'")
+        if self.source == "hub" and not self.hub_name:
+            raise ValueError("data.hub_name is required when data.source is 'hub'")
+        math = self.eval.math
+        if math is not None and math.split == "math500" and self.source == "hub":
+            raise ValueError(
+                "data.eval.math.split: math500 cannot come from data.source hub (data.hub_name is one dataset for "
+                "train and test); use split: test, or data.source: embedded"
+            )
+        if math is not None and math.split == "math500" and self.source == "path":
+            if not str(self.path).lower().endswith((".jsonl", ".parquet")):
+                raise ValueError(
+                    f"data.eval.math.split: math500 but data.path {self.path} is a MATH tarball or folder, which "
+                    "holds the full 5,000-problem test split; use split: test, point data.path at a MATH-500 "
+                    ".jsonl, or use data.source: embedded"
+                )
+        return self
+
 
 class FewShot(Strict):
     problem: str
     answer: str
+
+    @field_validator("answer")
+    @classmethod
+    def _boxed(cls, answer: str) -> str:
+        if extract_boxed(answer) is None:  # the model learns its answer format here
+            raise ValueError("has no complete \\boxed{...}; end it with one")
+        return answer
 
 
 class Prompt(Strict):
@@ -143,9 +192,23 @@ class Prompt(Strict):
     few_shot: list[FewShot]
 
     @model_validator(mode="after")
-    def _raw_needs_a_template(self) -> Prompt:
-        if self.format == "raw" and (not self.template or "{problem}" not in self.template):
+    def _what_each_format_allows(self) -> Prompt:
+        if self.format == "chat":
+            if self.template is not None:
+                raise ValueError("prompt.template is used only with prompt.format: raw; remove it or set raw")
+            return self
+        if not self.template or "{problem}" not in self.template:
             raise ValueError("prompt.format raw needs prompt.template containing {problem}")
+        if self.few_shot:
+            raise ValueError(
+                "prompt.few_shot must be empty when prompt.format is raw (the template is the whole prompt); use [] "
+                "or prompt.format: chat"
+            )
+        if self.system is not None:
+            raise ValueError(
+                "prompt.system must be null when prompt.format is raw (put the instruction in prompt.template); use "
+                "null or prompt.format: chat"
+            )
         return self
 
 

@@ -23,12 +23,11 @@ VALID = "params.yaml satisfies stages/schema.py\n"  # constant: downstream stage
 
 
 def check_data(raw: dict) -> None:
-    """The prompt tables `prepare` would build, built and dropped: every check of `prepare` (few-shot answers,
-    filters, `n` against the source) fails here, before DVC deletes `prepare`'s committed outputs. A hub source
+    """The prompt tables `prepare` would build, built and dropped: the checks that need the data (`n` against the
+    source; the rest is the schema's) fail here, before DVC deletes `prepare`'s committed outputs. A hub source
     is not downloaded here (this stage stays offline): its `n` is checked by `prepare`."""
-    from stages.prepare import build_tables, check_params
+    from stages.prepare import build_tables
 
-    check_params(raw["data"], raw["prompt"])
     if raw["data"]["source"] != "hub":
         build_tables(raw["data"], raw["prompt"])
 

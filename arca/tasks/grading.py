@@ -31,6 +31,8 @@ import sympy
 from math_verify import LatexExtractionConfig, parse, verify
 from sympy.core.function import Application
 
+from arca.tasks.boxed import extract_boxed
+
 logger = logging.getLogger(__name__)
 
 # Longest boxed answer (either side) handed to sympy; MATH answers are at most a few hundred characters
@@ -49,46 +51,8 @@ MAX_EXPANDED_TERMS = 300
 _HUGE = sympy.Float(f"1e{MAX_DIGITS}")
 _TINY = sympy.Float(f"1e-{MAX_DIGITS}")
 
-_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # The boxed match has the highest priority and plain `$...$` is never searched: we hand over a single box.
 _EXTRACTION = (LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False),)
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` or `\\fbox{...}` in `text`, with balanced braces.
-
-    Runs in linear time with no recursion (hostile inputs may nest braces thousands deep). Escaped braces
-    `\\{` and `\\}` are literal characters and do not open or close a group.
-
-    Args:
-        text: a completion or a MATH solution.
-
-    Returns:
-        The content between the braces (possibly empty), or None when there is no box or the last box is
-        unterminated.
-    """
-    last = None
-    for match in _BOX_OPEN.finditer(text):
-        last = match
-    if last is None:
-        return None
-    start = last.end()
-    depth = 1
-    i = start
-    n = len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # skip the escaped character (`\{`, `\}`, `\\`)
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i]
-        i += 1
-    return None
 
 
 def _parse_boxed(answer: str, timeout_s: int | None) -> list:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from arca.tasks.grading import extract_boxed
+from arca.tasks.boxed import extract_boxed
 
 # Qwen's standard math instruction, for callers of build_prompt that want one.
 DEFAULT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."

@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from arca.tasks.grading import extract_boxed
+from arca.tasks.boxed import extract_boxed
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -14,8 +15,10 @@ from click.testing import CliRunner
 
 from arca.tasks import sources as arca_data
 from arca.tasks.prompts import PAPER_TEMPLATE
-from stages.prepare import build_tables, check_params
+from stages.prepare import build_tables
 from stages.prepare import main as prepare_cli
+from stages.schema import validate
+from stages.strict import ParamsError
 from tests.params import default_params
 
 CHAT = {"system": "Box it.", "few_shot": [{"problem": "What is $2 + 3$?", "answer": r"The answer is \boxed{5}."}]}
@@ -43,14 +46,6 @@ def data_params(path: Path, train: dict | None = None, math: dict | None = None)
     }
 
 
-EMBEDDED = {
-    "source": "embedded",
-    "train": {"source": "arithmetic", "n": 4},
-    "eval": {"arithmetic": {"n": 2}, "math": {"n": 2}},
-    "probe": {"n": 1},
-}
-
-
 def _with(base: dict, dotted: str, value: object) -> dict:
     out = copy.deepcopy(base)
     *parents, last = dotted.split(".")
@@ -61,56 +56,64 @@ def _with(base: dict, dotted: str, value: object) -> dict:
     return out
 
 
+def _schema_error(override: dict) -> str:
+    """The params checks prepare made are the schema's now (run first by every stage): its message for `override`."""
+    with pytest.raises(ParamsError) as err:
+        validate(default_params(override))
+    return str(err.value)
+
+
 @pytest.mark.parametrize(
-    ("dotted", "value", "message"),
+    ("override", "message"),
     [
-        ("train.n", None, r"data\.train\.n must be a positive int, got None"),  # arithmetic: null means nothing
-        ("train.n", 0, r"data\.train\.n must be a positive int, got 0"),
-        ("eval.arithmetic.n", None, r"data\.eval\.arithmetic\.n must be a positive int"),
-        ("eval.math.n", -1, r"data\.eval\.math\.n must be a positive int, or null for every usable problem"),
-        ("eval.math.split", "math5000", r"data\.eval\.math\.split must be one of math500, test, got 'math5000'"),
-        ("eval.math.select", "random", r"data\.eval\.math\.select must be one of sample, first, got 'random'"),
-        ("eval.math.levels", [], r"data\.eval\.math\.levels is empty; use null"),
-        ("probe.n", 0, r"data\.probe\.n must be a positive int"),
+        ({"train": {"n": None}}, r"data\.train\.n must be a positive int for source reasoning"),  # null: only math
+        ({"train": {"n": 0}}, r"`data\.train\.n`: Input should be greater than 0"),
+        ({"eval": {"reasoning": {"n": None}}}, r"`data\.eval\.reasoning\.n`: Input should be a valid integer"),
+        ({"eval": {"math": {"n": -1}}}, r"`data\.eval\.math\.n`: Input should be greater than 0"),
+        ({"eval": {"math": {"split": "math5000"}}}, r"`data\.eval\.math\.split`: Input should be 'math500' or 'test'"),
+        ({"eval": {"math": {"select": "random"}}}, r"`data\.eval\.math\.select`: Input should be 'sample' or 'first'"),
+        ({"eval": {"math": {"levels": []}}}, r"`data\.eval\.math\.levels`: is empty; use null for no filter"),
+        ({"probe": {"n": 0}}, r"`data\.probe\.n`: Input should be greater than 0"),
+        ({"source": "path"}, r"data\.path is required when data\.source is 'path'"),
+        ({"source": "hub"}, r"data\.hub_name is required when data\.source is 'hub'"),
     ],
 )
-def test_data_params_errors_name_the_key(dotted, value, message):
-    with pytest.raises(ValueError, match=message):
-        check_params(_with(EMBEDDED, dotted, value), CHAT)
+def test_data_params_errors_name_the_key(override, message):
+    assert re.search(message, _schema_error({"data": override}))
 
 
 def test_math500_needs_a_source_that_has_it(tmp_path):
-    check_params(_with(EMBEDDED, "eval.math.split", "math500"), CHAT)
-    check_params(_with(EMBEDDED, "eval.math.split", "test"), CHAT)
-    tarball = {**EMBEDDED, "source": "path", "path": str(tmp_path / "MATH.tar.gz")}
-    with pytest.raises(ValueError, match=r"data\.eval\.math\.split: math500 but data\.path .* use split: test"):
-        check_params(_with(tarball, "eval.math.split", "math500"), CHAT)
-    check_params(_with({**tarball, "path": str(tmp_path / "math500.jsonl")}, "eval.math.split", "math500"), CHAT)
-    hub = {**EMBEDDED, "source": "hub", "hub_name": "someone/MATH"}
-    with pytest.raises(ValueError, match=r"data\.eval\.math\.split: math500 cannot come from data\.source hub"):
-        check_params(_with(hub, "eval.math.split", "math500"), CHAT)
+    for split in ("math500", "test"):
+        validate(default_params({"data": {"eval": {"math": {"split": split}}}}))
+    tarball = {"source": "path", "path": str(tmp_path / "MATH.tar.gz"), "eval": {"math": {"split": "math500"}}}
+    assert re.search(
+        r"data\.eval\.math\.split: math500 but data\.path .* use split: test", _schema_error({"data": tarball})
+    )
+    validate(default_params({"data": {**tarball, "path": str(tmp_path / "math500.jsonl")}}))
+    hub = {"source": "hub", "hub_name": "someone/MATH", "eval": {"math": {"split": "math500"}}}
+    assert "data.eval.math.split: math500 cannot come from data.source hub" in _schema_error({"data": hub})
 
 
 @pytest.mark.parametrize(
     ("prompt", "message"),
     [
-        ({"format": "html"}, r"prompt\.format must be one of chat, raw, got 'html'"),
-        ({"format": "raw"}, r"prompt\.template must be a string containing \{problem\} when prompt\.format is raw"),
-        ({**RAW, "template": "Solve it."}, r"prompt\.template must be a string containing \{problem\}"),
+        ({"format": "html"}, r"`prompt\.format`: Input should be 'chat' or 'raw'"),
+        ({"format": "raw", "few_shot": []}, r"prompt\.format raw needs prompt\.template containing \{problem\}"),
+        ({**RAW, "template": "Solve it."}, r"prompt\.template containing \{problem\}"),
         ({**RAW, "few_shot": CHAT["few_shot"]}, r"prompt\.few_shot must be empty when prompt\.format is raw"),
         ({**RAW, "system": "Box it."}, r"prompt\.system must be null when prompt\.format is raw"),
-        ({**CHAT, "template": PAPER_TEMPLATE}, r"prompt\.template is used only with prompt\.format: raw"),
+        ({"template": PAPER_TEMPLATE}, r"prompt\.template is used only with prompt\.format: raw"),
+        ({"few_shot": [{"problem": "p", "answer": "5"}]}, r"`prompt\.few_shot\.0\.answer`: has no complete \\boxed"),
     ],
 )
 def test_prompt_params_errors_name_the_key(prompt, message):
-    with pytest.raises(ValueError, match=message):
-        check_params(EMBEDDED, prompt)
+    override = {"prompt": {**prompt, "few_shot": prompt.get("few_shot", default_params()["prompt"]["few_shot"])}}
+    assert re.search(message, _schema_error(override))
 
 
 def test_train_n_null_is_every_usable_problem_and_too_many_names_the_count(tmp_path):
     path = problems_file(tmp_path, n=6, unboxed=1)
     params = data_params(path, train={"n": None})
-    check_params(params, RAW)
     train, _, counts = build_tables(params, RAW)
     assert len(train) == 5 and counts["math_train"]["dropped_no_answer"] == 1
     with pytest.raises(
@@ -155,7 +158,6 @@ def test_embedded_paper_selection_and_the_full_train_split():
         "eval": {"math": {"n": 200, "split": "test", "select": "first"}},
         "probe": {"n": 2, "seed": 0},
     }
-    check_params(params, RAW)
     train, eval_df, counts = build_tables(params, RAW)
     assert len(train) == 7496 and counts["rows"] == {"train": 7496, "math": 200}
     assert list(eval_df["source_row"]) == list(range(200))

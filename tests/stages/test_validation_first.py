@@ -164,9 +164,9 @@ def _embedded_math_eval(change: dict) -> dict:
     [
         (
             {"prompt": {"few_shot": [{"problem": "What is $1 + 1$?", "answer": "2"}]}},
-            r"prompt.few_shot[0].answer has no complete \boxed{...}",
+            r"`prompt.few_shot.0.answer`: has no complete \boxed{...}",
         ),
-        (_embedded_math_eval({"levels": []}), "data.eval.math.levels is empty; use null"),
+        (_embedded_math_eval({"levels": []}), "`data.eval.math.levels`: is empty; use null"),
         ({"data": {"source": "path", "path": None}}, "data.path is required when data.source is 'path'"),
         ({"data": {"source": "path", "path": "no/such/MATH.jsonl"}}, "no/such/MATH.jsonl"),
         (_embedded_math_eval({"n": 400}), "data.eval.math.n = 400 but only"),
@@ -250,7 +250,7 @@ def _outputs(root: Path) -> dict[str, bytes]:
         (
             {"prompt": {"few_shot": [{"problem": "What is $1 + 1$?", "answer": "2"}]}},
             "validate",
-            r"prompt.few_shot[0].answer has no complete \boxed{...}",
+            r"`prompt.few_shot.0.answer`: has no complete \boxed{...}",
         ),
         ({"model": {"dtype": "float8"}}, "validate", "`model.dtype`: Input should be"),
         (

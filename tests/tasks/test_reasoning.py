@@ -9,7 +9,10 @@ import pytest
 
 from arca.tasks.grading import math_reward
 from arca.tasks.reasoning import count_problems, reasoning_problems, worked_solution
-from stages.prepare import build_tables, check_params
+from stages.prepare import build_tables
+from stages.schema import validate
+from stages.strict import ParamsError
+from tests.params import default_params
 
 STEP = re.compile(r"(-?\d+) ([+-]) (\d+) = (-?\d+)\.")
 
@@ -72,7 +75,6 @@ DATA = {
 
 
 def test_prepare_holds_the_eval_set_out_and_excludes_the_few_shot_problems():
-    check_params(DATA, PROMPT)
     train, eval_df, counts = build_tables(DATA, PROMPT)
     assert len(train) == 40 and len(eval_df) == 30 and counts["rows"] == {"train": 40, "reasoning": 30}
     assert set(train["problem"]).isdisjoint(eval_df["problem"])
@@ -88,8 +90,8 @@ def test_prepare_holds_the_eval_set_out_and_excludes_the_few_shot_problems():
 
 
 def test_prepare_names_the_keys_when_the_source_runs_out():
-    with pytest.raises(ValueError, match=r"data\.eval\.reasoning\.n must be a positive int"):
-        check_params({**DATA, "eval": {"reasoning": {"n": None}}}, PROMPT)
+    with pytest.raises(ParamsError, match=r"`data\.eval\.reasoning\.n`: Input should be a valid integer"):
+        validate(default_params({"data": {"eval": {"reasoning": {"n": None}}}}))
     too_many = {**DATA, "train": {**DATA["train"], "n": 2600}}
     with pytest.raises(
         ValueError, match=r"data\.train\.n \(2600\) \+ data\.eval\.reasoning\.n \(30\) ask for too many"
