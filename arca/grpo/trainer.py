@@ -16,23 +16,11 @@ backbone (or on the decoder layer `credit_layer` picks) keep its output while a 
 hooks on every LoRA layer add up `||s B A x||` for `arca_local` (`arca.credit.lora_local`, read from each layer's
 input before dropout).
 
-Exactness (SPEC 2b). A reference-comparing salience (`arca`, `kl`, `entropy_reduction`, `divergence`) subtracts
-an adapter-on and an adapter-off pass; in bfloat16 any difference between the two passes besides the adapter
-(other rows in a chunk, other padding, dropout) is rounding noise as large as the signal. `credit_reference`:
-- `matched` (default, exact): the adapter-off pass runs inside `_compute_loss` on exactly the loss micro-batch,
-  through the TRL function the loss forward uses (same tensors, one chunk, eval mode, no grad), so with LoRA
-  `B = 0` every such salience is exactly 0 in any dtype. TRL's generation-time reference call is
-  short-circuited and `ref_per_token_logps` (the KL penalty's input, read only in `_compute_loss`) comes from
-  the matched pass: zero extra passes at `beta > 0`, one per micro-batch at `beta = 0`. With
-  `num_iterations > 1` the matched result of the first iteration is cached in TRL's buffered micro-batch and
-  reused: the base weights are frozen, so recomputing it would give the same bits.
-- `reuse` (not exact): TRL's generation-time reference pass at `beta > 0` (chunks of other rows, shuffled
-  afterwards), one extra backbone pass per micro-batch over the generation batch at `beta = 0`.
-Dropout: when the model has any (LoRA dropout > 0 and TRL's `disable_dropout` off), the training forward is
-random. Unless `credit_salience_dropout` (the paper's code, for fidelity only), every method with states then
-takes its adapter-on states from one extra no-grad pass in eval mode on the same micro-batch (the cost of a
-forward without backward), so a batch's weights do not depend on the dropout draw. `arca_local` too: its hooks
-read each LoRA layer's input before that layer's dropout, but the dropout of every earlier layer is in it.
+Exactness (SPEC 2b): with `credit_reference: matched` (the default) the adapter-off pass runs inside
+`_compute_loss` on exactly the loss micro-batch, through the TRL function the loss forward uses, so LoRA `B = 0`
+gives every reference-comparing salience exactly 0 in any dtype and `beta > 0` costs no extra pass; `reuse` takes
+TRL's generation-time pass (not exact in bf16). With dropout, adapter-on states come from one dropout-free pass
+unless `credit_salience_dropout`. The full account is in docs/design.md ("Exact saliences in the trainer").
 
 Logged (`credit/<name>` in TRL's log): `arca.grpo.credit_log.CREDIT_METRICS` of the weights the loss receives, regime
 fractions at SPEC 5's default thresholds (constants: the analysis thresholds belong to the diagnose stage), and
