@@ -6,7 +6,7 @@ Every vocab-level statistic is computed once, in float32 chunks over the valid t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -19,6 +19,10 @@ from arca.credit.vocab import LogitMap, flat, float_head, logit_map, no_gather, 
 from arca.methods import BY_NAME, SIGNAL_NAMES
 
 # SIGNAL_NAMES: the dumped signals in SPEC 2 order, and what each needs, from arca.methods (the one table).
+# The vocab-level statistics (`vocab_stats`): per side, then the exact KL, which needs both full distributions.
+POLICY_STATS: tuple[str, ...] = ("logp", "entropy")
+REF_STATS: tuple[str, ...] = ("ref_logp", "ref_entropy")
+VOCAB_STATS: tuple[str, ...] = (*POLICY_STATS, *REF_STATS, "kl")
 
 
 class TokenStats(dict):
@@ -42,16 +46,28 @@ class Signal:
     needs_reference: bool  # needs the adapter-off pass
     needs_logits: bool  # needs vocab-level statistics (the LM head)
     needs_lora: bool = False  # needs the LoRA modules' own outputs (hooks on the adapter-on pass)
+    reads: tuple[str, ...] = VOCAB_STATS  # the vocab-level statistics `fn` reads (what the sweep must produce)
 
 
 SIGNALS: dict[str, Signal] = {}
 
 
 def register_signal(
-    name: str, *, needs_reference: bool | None = None, needs_logits: bool | None = None, needs_lora: bool | None = None
+    name: str,
+    *,
+    needs_reference: bool | None = None,
+    needs_logits: bool | None = None,
+    needs_lora: bool | None = None,
+    reads: tuple[str, ...] | None = None,
 ):
     """Decorator: register `fn(stats: TokenStats) -> Tensor (N,)` under `name`. What the signal needs comes from
-    its row of `arca.methods.TABLE`; a signal outside the table (an experiment) states it here."""
+    its row of `arca.methods.TABLE`; a signal outside the table (an experiment) states it here. `reads`: the
+    vocab-level statistics among `VOCAB_STATS` it reads (default: its side's, both sides' and `kl` if it needs
+    the reference), so statistics given from elsewhere
+    (TRL's loss forward) spare the sweep of a side no signal still needs."""
+    unknown = set(reads or ()) - set(VOCAB_STATS)
+    if unknown:
+        raise ValueError(f"register_signal({name!r}): reads {sorted(unknown)} not among {VOCAB_STATS}")
     row = BY_NAME.get(name)
     needs = {"needs_reference": needs_reference, "needs_logits": needs_logits, "needs_lora": needs_lora}
     for key, value in needs.items():
@@ -61,7 +77,9 @@ def register_signal(
             needs[key] = getattr(row, key) if row is not None else False
 
     def decorator(fn: Callable[[TokenStats], Tensor]) -> Callable[[TokenStats], Tensor]:
-        SIGNALS[name] = Signal(fn, **needs)
+        default = VOCAB_STATS if needs["needs_reference"] else POLICY_STATS
+        read = (default if reads is None else reads) if needs["needs_logits"] else ()
+        SIGNALS[name] = Signal(fn, **needs, reads=read)
         return fn
 
     return decorator
@@ -72,22 +90,22 @@ def uniform(stats: TokenStats) -> Tensor:
     return stats["valid"].clone()
 
 
-@register_signal("surprisal")
+@register_signal("surprisal", reads=("logp",))
 def surprisal(stats: TokenStats) -> Tensor:
     return -stats["logp"]
 
 
-@register_signal("entropy")
+@register_signal("entropy", reads=("entropy",))
 def entropy(stats: TokenStats) -> Tensor:
     return stats["entropy"]
 
 
-@register_signal("entropy_reduction")
+@register_signal("entropy_reduction", reads=("entropy", "ref_entropy"))
 def entropy_reduction(stats: TokenStats) -> Tensor:
     return (stats["ref_entropy"] - stats["entropy"]).clamp_min(0.0)
 
 
-@register_signal("kl")
+@register_signal("kl", reads=("kl",))
 def kl(stats: TokenStats) -> Tensor:
     return stats["kl"]
 
@@ -97,13 +115,13 @@ def arca(stats: TokenStats) -> Tensor:
     return stats["residual_norm"]
 
 
-@register_signal("divergence")
+@register_signal("divergence", reads=("logp", "ref_logp"))
 def divergence(stats: TokenStats) -> Tensor:
     """The paper's policy divergence: |log pi_theta(y_t) - log pi_ref(y_t)| of the sampled token only."""
     return (stats["logp"] - stats["ref_logp"]).abs()
 
 
-@register_signal("entropy_drop")
+@register_signal("entropy_drop", reads=("entropy",))
 def entropy_drop(stats: TokenStats) -> Tensor:
     """The paper's temporal entropy reduction max(H_t - H_t+1, 0) along the completion; 0 on a row's last
     valid token (t + 1 is the next valid token of the same row)."""
@@ -140,6 +158,11 @@ def needs_logits(names: Iterable[str]) -> bool:
 def needs_lora(names: Iterable[str]) -> bool:
     """True if any named signal needs the LoRA modules' own outputs (`arca_local`)."""
     return any(s.needs_lora for s in _lookup(names))
+
+
+def signals_read(names: Iterable[str]) -> set[str]:
+    """The vocab-level statistics (`VOCAB_STATS`) the named signals read."""
+    return {stat for s in _lookup(names) for stat in s.reads}
 
 
 def precision_sensitive(names: Iterable[str]) -> list[str]:
@@ -188,26 +211,35 @@ def _vocab_sides(
     names: Sequence[str],
     lm_head: torch.nn.Module | None,
     states: dict[str, Tensor | None],
+    given: Mapping[str, Tensor],
     n: int,
     gather_head: Callable[..., AbstractContextManager],
-) -> list[tuple[Tensor, tuple | None]]:
-    """Which (states, head) pairs the vocab sweep needs: none, policy, or policy + reference."""
-    if not any(s.needs_logits for s in signals):
+) -> list[tuple[Tensor, tuple | None] | None]:
+    """Which (states, head) pairs the vocab sweep needs: none, policy, reference or both (`vocab_stats`' sides).
+    A side is swept when a signal reads one of its statistics that is not `given`; `kl` needs both."""
+    reads = {stat for s in signals for stat in s.reads}
+    if "kl" in reads:
+        wanted = {"policy", "ref"}
+    else:
+        missing = reads - set(given)
+        wanted = {side for side, keys in (("policy", POLICY_STATS), ("ref", REF_STATS)) if missing & set(keys)}
+    if not wanted:
         return []
-    use_ref = any(s.needs_logits and s.needs_reference for s in signals)
-    wanted = ["policy", "ref"] if use_ref else ["policy"]
     head = None  # the float32 copy of the head weight is made once, and only if hidden states need it
     if any(states[f"{side}_logits"] is None for side in wanted):
         if lm_head is None:
             raise ValueError(f"lm_head: signals {list(names)} need it to map hidden states to logits")
         head = float_head(lm_head, gather_head)
-    sides = []
-    for side in wanted:
+    sides: list[tuple[Tensor, tuple | None] | None] = []
+    for side in ("policy", "ref"):
         logits, hidden = states[f"{side}_logits"], states[f"{side}_hidden"]
-        if logits is None and hidden is None:
+        if side not in wanted:
+            sides.append(None)
+        elif logits is None and hidden is None:
             raise ValueError(f"{side}_hidden: signals {list(names)} need it (or {side}_logits)")
-        sides.append((flat(logits, n), None) if logits is not None else (flat(hidden, n), head))
-    return sides
+        else:
+            sides.append((flat(logits, n), None) if logits is not None else (flat(hidden, n), head))
+    return sides if sides[1] is not None else sides[:1]
 
 
 @torch.no_grad()
@@ -228,6 +260,7 @@ def signals_from_states(
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
     gather_head: Callable[..., AbstractContextManager] = no_gather,
+    given: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Signals from states already aligned with their tokens; inputs are detached, so hooked states are fine.
 
@@ -244,6 +277,10 @@ def signals_from_states(
         chunk_tokens: valid tokens per float32 chunk; peak extra memory is a few x chunk_tokens x V x 4 bytes.
         gather_head: `gather(weight, bias)`, a context inside which the head's weight is read whole (the trainer
             passes TRL's `maybe_gather_lm_head_ctx` for DeepSpeed ZeRO-3); default: none needed.
+        given: (B, T) statistics computed elsewhere, by the same definition (`logp`, `entropy`: TRL's loss
+            forward with a float32 head; `ref_logp`, `ref_entropy`: its adapter-off pass). A side of the vocab
+            sweep whose statistics are all given is not swept; `kl` always sweeps both (it needs the full
+            distributions), and a swept statistic is used over a given one.
     Returns:
         name -> (B, T) float32, exactly 0 where `mask` == 0.
     """
@@ -268,7 +305,15 @@ def signals_from_states(
     )
     if lora_norms is not None:
         stats["lora_norm"] = lora_norms.detach().reshape(-1)[rows].float()
-    sides = _vocab_sides(signals, names, lm_head, states, n, gather_head)
+    given = dict(given or {})
+    for key, value in given.items():
+        if key not in (*POLICY_STATS, *REF_STATS) or value.shape != target_ids.shape:
+            raise ValueError(
+                f"given: {key!r} must be one of {POLICY_STATS + REF_STATS} with shape (B, T) = "
+                f"{tuple(target_ids.shape)}, got {tuple(value.shape)}"
+            )
+        stats[key] = value.detach().reshape(-1)[rows].float()
+    sides = _vocab_sides(signals, names, lm_head, states, given, n, gather_head)
     if sides:
         stats.update(vocab_stats(sides, target_ids.reshape(-1), rows, temperature, chunk_tokens, to_logits))
     policy_arca = policy_arca_hidden if policy_arca_hidden is not None else policy_hidden

@@ -72,9 +72,13 @@ def vocab_stats(
     """The single float32 sweep of the vocabulary, over the valid `rows` only, `chunk_tokens` at a time.
 
     Args:
-        sides: [policy] or [policy, reference], each (states (B*T, D), head): states are logits (D = V)
-            when head is None, else hidden states mapped to logits by head = (weight (V, H), bias (V,)).
+        sides: [policy], [policy, reference] or [None, reference] (the policy's statistics came from elsewhere),
+            each (states (B*T, D), head): states are logits (D = V) when head is None, else hidden states mapped
+            to logits by head = (weight (V, H), bias (V,)).
         targets: (B*T,) token ids; rows: (N,) flat indices of the valid tokens.
+    Returns:
+        (N,) float32 `logp`, `entropy` of a swept policy side, `ref_logp`, `ref_entropy` of a swept reference
+        side, and `kl` when both are swept.
     """
 
     def log_probs(states: Tensor, head: tuple[Tensor, Tensor | None] | None, idx: Tensor) -> Tensor:
@@ -86,19 +90,22 @@ def vocab_stats(
                 z = to_logits(torch.nn.functional.linear(z, *head))  # (c, V) the model's own output logits
             return torch.log_softmax(z / temperature, dim=-1)  # (c, V)
 
-    keys = ("logp", "entropy") + (("ref_logp", "ref_entropy", "kl") if len(sides) == 2 else ())
-    out: dict[str, list[Tensor]] = {k: [] for k in keys}
+    policy, ref = sides[0], sides[1] if len(sides) == 2 else None
+    keys = (("logp", "entropy") if policy else ()) + (("ref_logp", "ref_entropy") if ref else ())
+    out: dict[str, list[Tensor]] = {k: [] for k in keys + (("kl",) if policy and ref else ())}
     for start in range(0, rows.numel(), chunk_tokens):
         idx = rows[start : start + chunk_tokens]  # (c,)
-        logp = log_probs(*sides[0], idx)  # (c, V)
-        p = logp.exp()
-        out["logp"].append(logp.gather(1, targets[idx, None]).squeeze(1))  # (c,)
-        out["entropy"].append(-(p * logp).sum(-1))
-        if len(sides) == 2:
-            logq = log_probs(*sides[1], idx)  # (c, V)
-            out["ref_logp"].append(logq.gather(1, targets[idx, None]).squeeze(1))
-            out["ref_entropy"].append(-(logq.exp() * logq).sum(-1))
+        logp = log_probs(*policy, idx) if policy else None  # (c, V)
+        logq = log_probs(*ref, idx) if ref else None  # (c, V)
+        probs = None
+        for prefix, logits in (("", logp), ("ref_", logq)):
+            if logits is not None:
+                side_probs = logits.exp()
+                probs = side_probs if not prefix else probs
+                out[f"{prefix}logp"].append(logits.gather(1, targets[idx, None]).squeeze(1))  # (c,)
+                out[f"{prefix}entropy"].append(-(side_probs * logits).sum(-1))
+        if logp is not None and logq is not None:
             # Exact KL(pi_theta || pi_ref) can round to -1e-7; a divergence is >= 0.
-            out["kl"].append((p * (logp - logq)).sum(-1).clamp_min(0.0))
+            out["kl"].append((probs * (logp - logq)).sum(-1).clamp_min(0.0))
     empty = torch.zeros(0, device=rows.device)
     return {k: torch.cat(v) if v else empty for k, v in out.items()}

@@ -124,3 +124,16 @@ def loss_mask(inputs: dict[str, Any]) -> Tensor:
     """(B, T) mask of the tokens TRL's loss counts (completion tokens, minus tool output if any)."""
     mask = inputs["completion_mask"]
     return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+
+
+def trl_head_is_exact(model: nn.Module, cast_lm_head_to_fp32: bool, mixed_precision: str) -> bool:
+    """Whether TRL's fused LM head computes SPEC 2's float32 log-softmax, so its per-token log-prob and entropy
+    are ours: its compute dtype is float32 (`cast_lm_head_to_fp32`, or a float32 head outside mixed precision)
+    and it applies no output multiplier `arca.credit.vocab.LogitMap` lacks (families whose scale TRL reads from
+    other config keys)."""
+    config = model.config.get_text_config()
+    extra = any(getattr(config, key, None) is not None for key in ("output_multiplier", "lm_head_multiplier"))
+    float32 = cast_lm_head_to_fp32 or (
+        mixed_precision == "no" and model.get_output_embeddings().weight.dtype == torch.float32
+    )
+    return float32 and not extra and config.model_type != "hyperclovax"

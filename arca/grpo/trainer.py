@@ -18,7 +18,9 @@ input before dropout).
 
 Exactness (SPEC 2b): with `credit_reference: matched` (the default) the adapter-off pass runs inside
 `_compute_loss` on exactly the loss micro-batch, through the TRL function the loss forward uses, so LoRA `B = 0`
-gives every reference-comparing salience exactly 0 in any dtype and `beta > 0` costs no extra pass; `reuse` takes
+gives every reference-comparing salience exactly 0 in any dtype and `beta > 0` costs no extra pass (at `beta = 0`
+the pass is the backbone alone unless a signal reads its log-probs); logit signals take the log-prob and entropy
+TRL's passes computed where its head is float32; `reuse` takes
 TRL's generation-time pass (not exact in bf16). With dropout, adapter-on states come from one dropout-free pass
 unless `credit_salience_dropout`. The full account is in docs/design.md ("Exact saliences in the trainer").
 
@@ -48,7 +50,16 @@ from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx, use_adapt
 from arca.credit.config import CreditConfig
 from arca.credit.lora_local import LoraNormCapture
 from arca.credit.normalize import normalize, permutation_seeds, permute_weights
-from arca.credit.signals import logit_map, needs_logits, needs_lora, needs_reference, signals_from_states
+from arca.credit.signals import (
+    POLICY_STATS,
+    REF_STATS,
+    logit_map,
+    needs_logits,
+    needs_lora,
+    needs_reference,
+    signals_from_states,
+    signals_read,
+)
 from arca.grpo.capture import (
     FORWARD_KEYS,
     StateCapture,
@@ -58,6 +69,7 @@ from arca.grpo.capture import (
     layer_module,
     loss_mask,
     sequences,
+    trl_head_is_exact,
 )
 from arca.grpo.config import CreditGRPOConfig, trainer_credit
 from arca.grpo.credit_log import CREDIT_METRICS, credit_sums
@@ -65,10 +77,12 @@ from arca.grpo.noise_probe import NOISE_SIGNALS, NoiseProbe
 from arca.grpo.sampler import EpochSeededRepeatSampler
 from arca.sampling.merged import sync_merged_copies
 
-__all__ = ["CREDIT_METRICS", "NOISE_SIGNALS", "REF_KEY", "CreditGRPOTrainer"]
+__all__ = ["CREDIT_METRICS", "GIVEN_KEY", "NOISE_SIGNALS", "REF_KEY", "CreditGRPOTrainer"]
 
 # Batch keys holding adapter-off states (B, T, H), one per state source ("final" and/or "arca").
 REF_KEY = "credit_ref_{}"
+# Batch keys of the adapter-off per-token statistics TRL's matched pass yields (`ref_logp`, `ref_entropy`).
+GIVEN_KEY = "credit_given_{}"
 # Key of the matched adapter-off result cached in TRL's buffered micro-batch (num_iterations > 1).
 _MATCHED_CACHE = "credit_matched_reference"
 _STATELESS = ("uniform", "top_entropy")  # methods whose weights need no captured states
@@ -123,6 +137,15 @@ class CreditGRPOTrainer(GRPOTrainer):
         if self._needs_reference:
             self._adapter_layer = next(m for m in unwrapped.modules() if isinstance(m, BaseTunerLayer))
         self._logit_map = logit_map(unwrapped)
+        # TRL's per-token log-prob and entropy are SPEC 2's where its fused head computes in float32 with the same
+        # output map: then they replace a side of the vocab sweep. A comparing signal takes both sides from TRL
+        # or neither, so `B = 0` still gives exactly 0 (docs/design.md, "Statistics from TRL's passes").
+        reads = signals_read((method,)) if not stateless else set()
+        exact_head = trl_head_is_exact(unwrapped, self.args.cast_lm_head_to_fp32, self.accelerator.mixed_precision)
+        self._given_ref = exact_head and self._matched and bool(reads & set(REF_STATS))
+        self._given_policy = (
+            exact_head and bool(reads & set(POLICY_STATS)) and (self._given_ref or not self._needs_reference)
+        )
         # A random training forward (dropout) must not feed the salience: it gets its own dropout-free pass.
         self._dropout_free_pass = (
             (self._needs_states or self._needs_lora) and not self.credit.salience_dropout and has_dropout(unwrapped)
@@ -250,6 +273,8 @@ class CreditGRPOTrainer(GRPOTrainer):
             self._ref_states = captured
         else:
             inputs, self._loss_inputs = self._loss_inputs, None
+            if self._given_policy and result[1] is not None:  # TRL's loss forward computes entropies
+                captured.update(logp=result[0].detach(), entropy=result[1].detach())
             self._apply_credit(inputs, captured)
         return result
 
@@ -279,7 +304,8 @@ class CreditGRPOTrainer(GRPOTrainer):
         if self._matched:
             inputs.update(self._matched_reference(model, batch))
         if self._dropout_free_pass and self.model.training:
-            policy, _ = self._salience_pass(model, inputs, adapter=True)
+            policy, stats = self._salience_pass(model, inputs, adapter=True, head=self._given_policy)
+            policy.update({k: stats[k] for k in POLICY_STATS} if self._given_policy else {})
             self._apply_credit(inputs, policy)
             return super()._compute_loss(model, inputs)
         self._loss_inputs = inputs
@@ -294,35 +320,50 @@ class CreditGRPOTrainer(GRPOTrainer):
         so the same tensors give the same adapter-off pass at every iteration."""
         if _MATCHED_CACHE in batch:
             return batch[_MATCHED_CACHE]
-        states, ref_logps = self._salience_pass(model, batch, adapter=False)
+        states, stats = self._salience_pass(model, batch, adapter=False, head=self.beta != 0.0 or self._given_ref)
         reference: dict[str, Tensor] = {REF_KEY.format(name): h for name, h in states.items()}
+        if self._given_ref:
+            reference.update({GIVEN_KEY.format(k): stats[k] for k in REF_STATS})
         if self.beta != 0.0:
-            reference["ref_per_token_logps"] = ref_logps  # (B, T)
+            reference["ref_per_token_logps"] = stats["ref_logp"]  # (B, T)
         if self.num_iterations > 1:
             batch[_MATCHED_CACHE] = reference
         return reference
 
     @torch.no_grad()
     def _salience_pass(
-        self, model: nn.Module, batch: dict[str, Any], adapter: bool
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        """One no-grad pass over exactly `batch`, adapter on or off, through the TRL function the loss forward
-        uses (one chunk, same tensors), in eval mode (no dropout).
+        self, model: nn.Module, batch: dict[str, Any], adapter: bool, head: bool = True
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One no-grad pass over exactly `batch`, adapter on or off, in eval mode (no dropout), one chunk, same
+        tensors as the loss forward. `head`: through the TRL function the loss forward uses, which also yields
+        the per-token log-prob and entropy; else the backbone alone, as TRL's fused head runs it (no LM head,
+        no vocabulary). Vision inputs and FSDP (the root module owns parameters the backbone needs) always take
+        TRL's function.
 
         Returns:
-            The captured states (see `_captured`) and the per-token log-probs (B, T) of the completion tokens.
+            The captured states (see `_captured`), and with `head` the (B, T) log-probs and entropies of the
+            completion tokens (`logp`, `entropy`; `ref_` prefixed when the adapter is off).
         """
         input_ids, attention_mask, num_tokens = sequences(batch)
         unwrapped = self.accelerator.unwrap_model(self.model)
+        extra = {k: batch.get(k) for k in FORWARD_KEYS}
+        head = head or self.is_fsdp_enabled or any(v is not None for v in extra.values())
+        stats: dict[str, Tensor] = {}
         with (
             nullcontext() if adapter else use_adapter(unwrapped, adapter_name=None),
             eval_mode(self.model),
             self._captured(num_tokens) as states,
         ):
-            logps, _, _ = super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, num_tokens, **{k: batch.get(k) for k in FORWARD_KEYS}
-            )
-        return states, logps
+            if head:
+                logps, entropies, _ = super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, num_tokens, compute_entropy=True, **extra
+                )
+                prefix = "" if adapter else "ref_"
+                stats = {f"{prefix}logp": logps, f"{prefix}entropy": entropies}
+            else:
+                with self.accelerator.autocast():
+                    backbone(unwrapped)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return states, stats
 
     def get_high_entropy_mask(self, entropies: Tensor, mask: Tensor, threshold: float) -> Tensor | None:
         kept = super().get_high_entropy_mask(entropies, mask, threshold)  # (B, T) bool
@@ -336,6 +377,8 @@ class CreditGRPOTrainer(GRPOTrainer):
         into saliences, and the saliences into the batch's per-token advantages (`_set_weights`)."""
         method = self.credit.method
         ref = {name: inputs.get(REF_KEY.format(name)) for name in ("final", "arca")}
+        given = {k: policy[k] for k in POLICY_STATS if k in policy}
+        given.update({k: inputs[GIVEN_KEY.format(k)] for k in REF_STATS if GIVEN_KEY.format(k) in inputs})
         lm_head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
         saliences = signals_from_states(
             inputs["completion_ids"],
@@ -350,6 +393,7 @@ class CreditGRPOTrainer(GRPOTrainer):
             names=(method,),
             temperature=self.temperature,
             gather_head=maybe_gather_lm_head_ctx,  # ZeRO-3 shards the head
+            given=given,
         )[method]  # (B, T)
         self._set_weights(inputs, saliences)
 
