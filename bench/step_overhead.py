@@ -8,12 +8,15 @@ round-robin (the order rotates every round) so machine noise hits every method a
 to `max_completion_length` tokens, so every step does the same work. A step is TRL's `training_step`
 (generation, scoring passes, loss forward and backward) plus the AdamW update. Reported for beta = 0.04 (the
 reference pass exists, ARCA should be free) and beta = 0 (ARCA adds one adapter-off pass): medians over the
-measured rounds, whole step and the part outside generation. `--methods` benches a subset (`uniform`, the
-baseline, is always in); `--lora-dropout 0.05` (the paper profile's) adds the dropout-free salience pass of
-every non-fixed method (SPEC 2b). The last lines are the summary, for `arca` and `arca_local` when benched:
+measured rounds, whole step and the part outside generation. A ratio to `uniform` is the median over rounds
+of the paired per-round ratios (both steps of a round ran seconds apart, under the same load), with a 95%
+percentile-bootstrap interval over rounds (`BOOTSTRAP` seeded resamples). `--methods` benches a subset
+(`uniform`, the baseline, is always in); `--lora-dropout 0.05` (the paper profile's) adds the dropout-free
+salience pass of every non-fixed method (SPEC 2b). The last lines are the summary, for `arca` and `arca_local`
+when benched:
 
-    arca/uniform step time: beta>0 <ratio>, beta=0 <ratio>
-    arca_local/uniform step time: beta>0 <ratio>, beta=0 <ratio>
+    arca/uniform step time: beta>0 <ratio> [<lo>, <hi>], beta=0 <ratio> [<lo>, <hi>]
+    arca_local/uniform step time: beta>0 <ratio> [<lo>, <hi>], beta=0 <ratio> [<lo>, <hi>]
 
 Left out: gradient checkpointing (TRL turns it on inside `train()`, which this loop does not call; it would
 add the same recompute to every method, so the ratios here are the conservative ones) and GPU timings.
@@ -30,6 +33,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -53,6 +57,16 @@ class BenchSize:
 QUICK = BenchSize(vocab=8192, completion_tokens=16, prompt_words=24, warmup_rounds=1, rounds=10)
 FULL = BenchSize(vocab=32768, completion_tokens=64, prompt_words=96, warmup_rounds=2, rounds=20)
 BETAS = (0.04, 0.0)
+BOOTSTRAP = 2000  # resamples of the rounds behind every interval
+
+
+def paired_ratio(ours: list[float], base: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """(median, lo, hi): the median over rounds of `ours[r] / base[r]` and its 95% percentile-bootstrap interval
+    (rounds resampled with replacement, seeded)."""
+    ratios = np.asarray(ours) / np.asarray(base)  # (rounds,)
+    picks = np.random.default_rng(seed).integers(0, len(ratios), (BOOTSTRAP, len(ratios)))
+    lo, hi = np.percentile(np.median(ratios[picks], axis=1), [2.5, 97.5])
+    return float(np.median(ratios)), float(lo), float(hi)
 
 
 def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
@@ -152,14 +166,10 @@ class Stepper:
         for values in self.trainer._metrics.values():
             values.clear()
 
-    def medians(self) -> dict[str, float]:
-        """Median seconds per step: whole step, outside generation, and inside the credit code."""
+    def series(self) -> dict[str, list[float]]:
+        """Seconds per measured round: whole step, outside generation, and inside the credit code."""
         outside = [s - g for s, g in zip(self.step_s, self.parts_s["generate"])]
-        return {
-            "step": statistics.median(self.step_s),
-            "non_gen": statistics.median(outside),
-            "credit": statistics.median(self.parts_s["credit"]),
-        }
+        return {"step": self.step_s, "non_gen": outside, "credit": self.parts_s["credit"]}
 
 
 def measure(
@@ -169,20 +179,25 @@ def measure(
     workdir: Path,
     methods: tuple[str, ...] = METHODS,
     lora_dropout: float = 0.0,
-) -> dict[str, dict[str, float]]:
-    """method -> `Stepper.medians()`, with the methods stepped round-robin in a rotating order."""
+) -> dict[str, dict[str, list[float]]]:
+    """method -> `Stepper.series()`, with the methods stepped round-robin in a rotating order."""
     steppers = {m: Stepper(m, beta, size, dataset, workdir, lora_dropout) for m in methods}
     order = list(methods)
     for round_index in range(size.warmup_rounds + size.rounds):
         for method in order:
             steppers[method].step(record=round_index >= size.warmup_rounds)
         order = order[1:] + order[:1]
-    return {m: s.medians() for m, s in steppers.items()}
+    return {m: s.series() for m, s in steppers.items()}
 
 
-def table(results: dict[float, dict[str, dict[str, float]]]) -> str:
-    """Markdown table: per beta, median step ms and its ratio to uniform, the same outside generation, and
-    the median time spent in the credit code itself (signals, normalization, diagnostics, extra pass)."""
+def interval(ratio: tuple[float, float, float]) -> str:
+    return f"{ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}]"
+
+
+def table(results: dict[float, dict[str, dict[str, list[float]]]]) -> str:
+    """Markdown table: per beta, median step ms and its paired ratio to uniform [95% interval], the same outside
+    generation, and the median time spent in the credit code itself (signals, normalization, diagnostics,
+    extra pass)."""
     head = "| method |" + "".join(f" β={b} step ms | ratio | non-gen ms | non-gen ratio | credit ms |" for b in results)
     lines = [head, "|" + " --- |" * (1 + 5 * len(results))]
     for method in next(iter(results.values())):
@@ -190,11 +205,11 @@ def table(results: dict[float, dict[str, dict[str, float]]]) -> str:
         for timings in results.values():
             ours, base = timings[method], timings["uniform"]
             cells += [
-                f"{1e3 * ours['step']:.0f}",
-                f"{ours['step'] / base['step']:.3f}",
-                f"{1e3 * ours['non_gen']:.0f}",
-                f"{ours['non_gen'] / base['non_gen']:.3f}",
-                f"{1e3 * ours['credit']:.1f}",
+                f"{1e3 * statistics.median(ours['step']):.0f}",
+                interval(paired_ratio(ours["step"], base["step"])),
+                f"{1e3 * statistics.median(ours['non_gen']):.0f}",
+                interval(paired_ratio(ours["non_gen"], base["non_gen"])),
+                f"{1e3 * statistics.median(ours['credit']):.1f}",
             ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -233,13 +248,16 @@ def main() -> None:
         f"CPU, {torch.get_num_threads()} threads, vocab {size.vocab}, hidden 256, 4 layers, LoRA r8 on all linear, "
         f"LoRA dropout {options.lora_dropout}"
     )
-    print(f"2 prompts x 4 completions of {size.completion_tokens} tokens per step; medians of {size.rounds} rounds")
+    print(
+        f"2 prompts x 4 completions of {size.completion_tokens} tokens per step; medians of {size.rounds} rounds, "
+        f"ratios with 95% bootstrap intervals over rounds"
+    )
     print(table(results))
     print(f"total {time.perf_counter() - start:.0f} s")
     for method in ("arca", "arca_local"):
         if method in options.methods:
-            ratio = {beta: timings[method]["step"] / timings["uniform"]["step"] for beta, timings in results.items()}
-            print(f"{method}/uniform step time: beta>0 {ratio[0.04]:.3f}, beta=0 {ratio[0.0]:.3f}")
+            ratio = {b: paired_ratio(t[method]["step"], t["uniform"]["step"]) for b, t in results.items()}
+            print(f"{method}/uniform step time: beta>0 {interval(ratio[0.04])}, beta=0 {interval(ratio[0.0])}")
 
 
 def _methods(text: str) -> tuple[str, ...]:

@@ -100,10 +100,11 @@ def test_fresh_lora_is_exactly_zero_in_bf16_and_every_row_falls_back(tmp_path, m
         assert [h["kl"] for h in trainer.state.log_history if "kl" in h] == [0.0, 0.0]
 
 
-def test_fresh_lora_is_exactly_zero_in_bf16_with_gradient_checkpointing(tmp_path):
+@pytest.mark.parametrize("beta", [0.04, 0.0])  # 0: the adapter-off pass is the backbone alone
+def test_fresh_lora_is_exactly_zero_in_bf16_with_gradient_checkpointing(tmp_path, beta):
     """The loss forward runs under checkpointing, the matched adapter-off pass without: same roundings."""
     trainer = make_trainer(
-        tmp_path, "arca", model=bf16_model(), beta=0.04, learning_rate=0.0, max_steps=1, gradient_checkpointing=True
+        tmp_path, "arca", model=bf16_model(), beta=beta, learning_rate=0.0, max_steps=1, gradient_checkpointing=True
     )
     records = record_credit(trainer)
     trainer.train()
