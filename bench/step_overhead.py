@@ -1,6 +1,6 @@
-"""Per-step wall time of every credit method against `uniform`, measured side by side in one process.
+"""Per-step time of every credit method against `uniform`, measured side by side in one process.
 
-    python -m bench.step_overhead [--quick] [--methods uniform,arca,arca_local] [--rounds N] [--lora-dropout P]
+    python -m bench.step_overhead [--quick] [--methods uniform,arca,...] [--rounds N] [--lora-dropout P] [--clock C]
 
 A small Qwen3-shaped model built from config (hidden 256, 4 layers; vocab 8k with --quick, 32k without) and a
 synthetic word-level tokenizer; one `CreditGRPOTrainer` per method with identical settings and seeds, stepped
@@ -8,7 +8,9 @@ round-robin (the order rotates every round) so machine noise hits every method a
 to `max_completion_length` tokens, so every step does the same work. A step is TRL's `training_step`
 (generation, scoring passes, loss forward and backward) plus the AdamW update. Reported for beta = 0.04 (the
 reference pass exists, ARCA should be free) and beta = 0 (ARCA adds one adapter-off pass): medians over the
-measured rounds, whole step and the part outside generation. A ratio to `uniform` is the median over rounds
+measured rounds, whole step and the part outside generation, in this process's CPU time (`--clock cpu`, the
+default: with one torch thread that is the step's own work, which other jobs do not stretch; `--clock wall`
+for elapsed time). A ratio to `uniform` is the median over rounds
 of the paired per-round ratios (both steps of a round ran seconds apart, under the same load), with a 95%
 percentile-bootstrap interval over rounds (`BOOTSTRAP` seeded resamples). `--methods` benches a subset
 (`uniform`, the baseline, is always in); `--lora-dropout 0.05` (the paper profile's) adds the dropout-free
@@ -30,6 +32,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -58,6 +61,9 @@ QUICK = BenchSize(vocab=8192, completion_tokens=16, prompt_words=24, warmup_roun
 FULL = BenchSize(vocab=32768, completion_tokens=64, prompt_words=96, warmup_rounds=2, rounds=20)
 BETAS = (0.04, 0.0)
 BOOTSTRAP = 2000  # resamples of the rounds behind every interval
+# The default clock is the process's CPU time: with one torch thread it is the step's own work, which other jobs
+# on a shared machine do not stretch (elapsed time does, by up to 2x here); `--clock wall` for elapsed time.
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 def paired_ratio(ours: list[float], base: list[float], seed: int = 0) -> tuple[float, float, float]:
@@ -100,8 +106,16 @@ class Stepper:
     """One trainer driven one optimizer step at a time (TRL's `training_step` + AdamW), timed."""
 
     def __init__(
-        self, method: str, beta: float, size: BenchSize, dataset: Dataset, workdir: Path, lora_dropout: float = 0.0
+        self,
+        method: str,
+        beta: float,
+        size: BenchSize,
+        dataset: Dataset,
+        workdir: Path,
+        lora_dropout: float = 0.0,
+        clock: Callable[[], float] = time.process_time,
     ):
+        self.clock = clock
         settings = TrainSettings(
             model_dir=workdir,
             train_path=workdir / "unused.parquet",
@@ -144,23 +158,23 @@ class Stepper:
         inner = getattr(self.trainer, method_name)
 
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start = self.clock()
             try:
                 return inner(*args, **kwargs)
             finally:
-                self._current[part] += time.perf_counter() - start
+                self._current[part] += self.clock() - start
 
         setattr(self.trainer, method_name, timed)
 
     def step(self, record: bool) -> None:
         batch = next(self.batches)
         self._current = dict.fromkeys(self.parts_s, 0.0)
-        start = time.perf_counter()
+        start = self.clock()
         self.trainer.training_step(self.trainer.model, batch, None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if record:
-            self.step_s.append(time.perf_counter() - start)
+            self.step_s.append(self.clock() - start)
             for part, seconds in self._current.items():
                 self.parts_s[part].append(seconds)
         for values in self.trainer._metrics.values():
@@ -179,9 +193,10 @@ def measure(
     workdir: Path,
     methods: tuple[str, ...] = METHODS,
     lora_dropout: float = 0.0,
+    clock: Callable[[], float] = time.process_time,
 ) -> dict[str, dict[str, list[float]]]:
     """method -> `Stepper.series()`, with the methods stepped round-robin in a rotating order."""
-    steppers = {m: Stepper(m, beta, size, dataset, workdir, lora_dropout) for m in methods}
+    steppers = {m: Stepper(m, beta, size, dataset, workdir, lora_dropout, clock) for m in methods}
     order = list(methods)
     for round_index in range(size.warmup_rounds + size.rounds):
         for method in order:
@@ -222,6 +237,9 @@ def main() -> None:
     parser.add_argument("--methods", type=_methods, default=METHODS, help="comma-separated subset (default: all)")
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds (steadier ratios on a busy machine)")
     parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="cpu", help="cpu: this process's CPU time (default); wall: elapsed"
+    )
+    parser.add_argument(
         "--lora-dropout", type=float, default=0.0, help="LoRA dropout (> 0 adds the dropout-free salience pass)"
     )
     options = parser.parse_args()
@@ -240,13 +258,15 @@ def main() -> None:
     ]
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
     start = time.perf_counter()
+    clock = CLOCKS[options.clock]
     with tempfile.TemporaryDirectory() as workdir:
         results = {
-            beta: measure(beta, size, dataset, Path(workdir), options.methods, options.lora_dropout) for beta in BETAS
+            beta: measure(beta, size, dataset, Path(workdir), options.methods, options.lora_dropout, clock)
+            for beta in BETAS
         }
     print(
-        f"CPU, {torch.get_num_threads()} threads, vocab {size.vocab}, hidden 256, 4 layers, LoRA r8 on all linear, "
-        f"LoRA dropout {options.lora_dropout}"
+        f"CPU, {torch.get_num_threads()} threads, {options.clock} clock, vocab {size.vocab}, hidden 256, 4 layers, "
+        f"LoRA r8 on all linear, LoRA dropout {options.lora_dropout}"
     )
     print(
         f"2 prompts x 4 completions of {size.completion_tokens} tokens per step; medians of {size.rounds} rounds, "
