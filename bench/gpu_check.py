@@ -289,7 +289,9 @@ def memory_columns(memory: dict[float, dict[str, dict[str, Any]]]) -> dict[str, 
     peaks: dict[str, dict[str, float | None]] = {}
     over: dict[str, dict[str, float | None]] = {}
     for beta, by_method in memory.items():
-        mib = {m: _finite(r["peak_gib"] * 1024) for m, r in by_method.items()}
+        mib = {
+            m: None if r["peak_gib"] != r["peak_gib"] else round(r["peak_gib"] * 1024, 1) for m, r in by_method.items()
+        }
         base = mib.get("uniform")
         peaks[str(beta)] = mib
         over[str(beta)] = {m: None if v is None or base is None else round(v - base, 1) for m, v in mib.items()}
