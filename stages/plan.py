@@ -230,6 +230,12 @@ def format_memory(params: dict[str, Any], config: dict[str, Any] | None, source:
             f"{gib['activations'] + gib['head_chunk'] + gib['method']:.1f}: activations {gib['activations']:.1f}, "
             f"LM-head tile {gib['head_chunk']:.2f}, method {gib['method']:.2f})"
             + (f"; {'; '.join(notes)}" if notes else "")
+            + (
+                "; on the CPU TRL's LM head runs unfused over every position: bench/memory.py measured 2-5x the "
+                "training pass on its model"
+                if where == "CPU"
+                else ""
+            )
         )
         lines.append(
             "  by method (largest rank): " + ", ".join(f"{m} {p / GIB:.1f}" for m, p in peaks.items()) + " GiB"
