@@ -11,7 +11,7 @@ shape), with the peak reset at the start of each and at every phase boundary.
 - CPU (Linux): the peak is VmHWM from /proc/self/status (reset by writing 5 to /proc/self/clear_refs), less
   VmRSS just before the step: what the step adds on top of the weights, optimizer states and everything else
   that lives between steps. glibc is told (`mallopt`) to map every block >= 64 KiB on its own and trim its heap,
-  so RSS follows the live tensors (without it, repeats of one method differed by ~25 MiB; with it, < 0.2).
+  so RSS follows the live tensors (without it, repeats of one method differed by up to 23 MiB; with it, <= 0.7).
 - CUDA: `torch.cuda.max_memory_allocated` (reset by `reset_peak_memory_stats`) less `memory_allocated` before
   the step: the same quantity from torch's allocator.
 
@@ -66,7 +66,7 @@ def _proc_status_kib(field: str) -> int:
 def _exact_malloc() -> None:
     """Make RSS follow the live allocations: glibc serves every block >= 64 KiB (any tensor of note) from its
     own mmap, unmapped on free, and trims the heap top at once, instead of keeping freed memory in pools whose
-    size depends on the order of earlier allocations (without this, repeats of one method differ by ~25 MiB)."""
+    size depends on the order of earlier allocations (without this, repeats of one method differ by up to 23 MiB)."""
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
     if not (libc.mallopt(m_mmap_threshold, 64 * 1024) and libc.mallopt(m_trim_threshold, 128 * 1024)):
