@@ -154,9 +154,9 @@ class Phases:
 
 def measure_one(method: str, beta: float, size: BenchSize, steps: int) -> dict[str, float]:
     """In this process: build the bench trainer for `method`, warm it up, measure `steps` steps. Returns MiB: the
-    step's peak over the memory before it (`step_mib`), split into generation (`generate_mib`) and the rest
-    (`rest_mib`: scoring passes, credit, loss forward and backward, AdamW; where the methods differ), each the
-    largest over the measured steps, and the process's peak (`process_mib`)."""
+    step's peak over the memory before it (`step_mib`), and the peaks of its phases (`Phases`: `generate`,
+    `credit`, None where no credit code ran, and `rest`), each the largest over the measured steps, and the
+    process's absolute peak (`process`)."""
     import torch
     from datasets import Dataset
 
