@@ -46,6 +46,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.diagnostics --quick
 	$(BIN)/python -m bench.step_overhead --quick
+	$(BIN)/python -m bench.memory --quick
 
 # The GPU profiles (conf/profile/, docs/profiles.md "Paper profile"): one GPU, bf16, hub access for the model. Each is a
 # DVC experiment: DVC composes params.yaml from conf/ and runs the pipeline in this workspace (resumable).

@@ -3,6 +3,7 @@
     python -m bench.gpu_check [--json out.json]   # first run: uniform and arca, 2 steps each, < 5 min on one GPU
     python -m bench.gpu_check --full              # every method of METHODS, 3 steps each (~8 min)
     python -m bench.gpu_check [--steps N] [--methods uniform,arca,...]   # any other choice
+    python -m bench.gpu_check --betas 0.04   # also each method's peak memory at beta 0.04 (each trains again)
     python -m bench.gpu_check --tiny      # the same code path on CPU in about a minute (the test suite runs it)
 
 Needs what the pipeline's train stage needs, since it trains through it (`REQUIRES`; `make setup`, i.e. `pip
@@ -18,11 +19,18 @@ sharpening 2, salience dropout on), so a step is the pipeline's step: generation
 passes, 4 loss forwards and backwards, AdamW. The reward is a function of the token ids (a random model earns
 none from a grader), so advantages and LoRA updates are never zero.
 
+The second-to-last line is bench/memory.py's `peak memory: arca +X MiB over uniform (beta>0), +Y MiB (beta=0)`:
+each method's `torch.cuda.max_memory_allocated` (peak statistics reset before it trains) minus uniform's, at the
+profile's beta (0) and at each of `--betas`; `n/a` for a beta not run and on the CPU (every method trains in
+this one process, so an RSS peak would not be the method's own; bench/memory.py is the CPU measurement).
+The JSON holds them per beta and method (`peak_mib`, `peak_over_uniform_mib`).
+
 The last line says, for the measured steps (the first step is a warm-up): median step time per method and its
-ratio to `uniform`, peak GPU memory, the step-0 fallback rate of each non-uniform method (LoRA B = 0 at the
-first step: must be 1.00 in bf16, SPEC 2b), the bf16 noise share `||a - a32|| / ||a32||` of the arca, arca_local
-and divergence saliences at the last step (the trainer's noise probe), and the generated tokens per second of a
-whole training step and of generation alone (the figures `stages.plan --gpu-check` plans with).
+ratio to `uniform`, peak GPU memory (and each method's over uniform's), the step-0 fallback rate of each
+non-uniform method (LoRA B = 0 at the first step: must be 1.00 in bf16, SPEC 2b), the bf16 noise share
+`||a - a32|| / ||a32||` of the arca, arca_local and divergence saliences at the last step (the trainer's noise
+probe), and the generated tokens per second of a whole training step and of generation alone (the figures
+`stages.plan --gpu-check` plans with).
 
 Then evaluation's decoding (`decode_rates`): greedy HF `generate` of a batch of `DECODE_BATCH` sequences with the
 paper's LoRA unmerged and merged into a copy (`arca.sampling.merged.merged_copy`, what `arca.sampling.evaluation`
@@ -191,12 +199,17 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def measure(method: str, size: Size, steps: int, workdir: Path, device: torch.device) -> dict[str, Any]:
-    """Train `steps` steps of `method` with the paper profile's settings; timings, memory and the logged credit."""
+def measure(
+    method: str, size: Size, steps: int, workdir: Path, device: torch.device, beta: float | None = None
+) -> dict[str, Any]:
+    """Train `steps` steps of `method` with the paper profile's settings (its beta, or `beta`); timings, peak
+    memory (the peak statistics reset first, so it is this method's own) and the logged credit."""
     params = paper_params()  # the profile as DVC composes it (per-method credit blocks included)
-    settings, credit = settings_from_params(params, method, RANK, SEED, workdir / method)
+    run_dir = workdir / (method if beta is None else f"{method}-beta{beta}")
+    settings, credit = settings_from_params(params, method, RANK, SEED, run_dir)
     settings = dataclasses.replace(
         settings,
+        beta=settings.beta if beta is None else beta,
         train_path=workdir / "train.parquet",
         max_steps=steps,
         max_completion_length=size.completion_tokens,
@@ -217,6 +230,8 @@ def measure(method: str, size: Size, steps: int, workdir: Path, device: torch.de
             callbacks=[recorder],
         )
     rollouts = settings.prompts_per_step * settings.num_generations
+    # CPU: None, not an RSS figure: every method trains in this one process, so its RSS peak is not the method's
+    # own (bench/memory.py measures the CPU peaks, one process per method).
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     del model
     gc.collect()
@@ -268,15 +283,49 @@ def _last(logs: list[dict[str, float]], key: str) -> float:
     return float(values[-1]) if values else float("nan")
 
 
+def memory_columns(memory: dict[float, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per beta (a string key, for JSON) and method: the peak in MiB and its difference to uniform's peak at that
+    beta (None on the CPU, or without a uniform run at that beta)."""
+    peaks: dict[str, dict[str, float | None]] = {}
+    over: dict[str, dict[str, float | None]] = {}
+    for beta, by_method in memory.items():
+        mib = {
+            m: None if r["peak_gib"] != r["peak_gib"] else round(r["peak_gib"] * 1024, 1) for m, r in by_method.items()
+        }
+        base = mib.get("uniform")
+        peaks[str(beta)] = mib
+        over[str(beta)] = {m: None if v is None or base is None else round(v - base, 1) for m, v in mib.items()}
+    return {"peak_mib": peaks, "peak_over_uniform_mib": over}
+
+
+def memory_line(s: dict[str, Any]) -> str:
+    """`peak memory: arca +X MiB over uniform (beta>0), +Y MiB (beta=0)`, as bench/memory.py prints it: the
+    first beta > 0 measured and beta = 0; `n/a` where that beta was not run (`--betas`), or on the CPU."""
+    over = s.get("peak_over_uniform_mib", {})
+    positive = next((b for b in over if float(b) > 0), None)
+    x = over.get(positive, {}).get("arca") if positive else None
+    y = over.get("0.0", {}).get("arca")
+    fmt = lambda v: "n/a" if v is None else f"{v:+.1f} MiB"  # noqa: E731
+    return f"peak memory: arca {fmt(x)} over uniform (beta>0), {fmt(y)} (beta=0)"
+
+
 def summary(
-    results: dict[str, dict[str, Any]], size: Size, device: str, steps: int, decode: dict[str, float]
+    results: dict[str, dict[str, Any]],
+    size: Size,
+    device: str,
+    steps: int,
+    decode: dict[str, float],
+    memory: dict[float, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """The numbers of the final line, as JSON-ready values."""
+    """The numbers of the final line, as JSON-ready values; `memory`: beta -> method -> `measure`'s result (the
+    peak memory columns; default: `results` alone, at the profile's beta)."""
     base = results["uniform"] if "uniform" in results else next(iter(results.values()))
     noise_run = results.get("arca", base)
+    memory = memory or {float(paper_params()["train"]["beta"]): results}
     return {
         "device": device,
         "model": size.name,
+        "beta": float(paper_params()["train"]["beta"]),  # the timed runs' (the profile's)
         "completion_tokens": size.completion_tokens,
         "measured_steps": max(1, steps - 1),
         "step_s": {m: round(r["step_s"], 3) for m, r in results.items()},
@@ -288,6 +337,7 @@ def summary(
         "generate_tokens_per_s": round(base["tokens_per_step"] / base["generate_s"], 1),
         "evaluate_tokens_per_s": round(decode["merged"], 1),  # evaluation decodes with the adapter merged
         "evaluate_unmerged_tokens_per_s": round(decode["unmerged"], 1),
+        **memory_columns(memory),
     }
 
 
@@ -305,11 +355,18 @@ def final_line(s: dict[str, Any]) -> str:
     return (
         f"gpu_check: {s['device']}, {s['model']} bf16 random, r{RANK}, 2x4 per micro-batch x GA 4, "
         f"{s['completion_tokens']}-token completions | step s (median of {s['measured_steps']}): {steps} | "
-        f"peak GPU memory {_gib(s['peak_gib'])} | step-0 fallback (expect 1.00): {fallback} | "
+        f"peak GPU memory {_gib(s['peak_gib'])}{_over(s)} | step-0 fallback (expect 1.00): {fallback} | "
         f"bf16 noise share at the last step: {noise} | tokens/s: train {s['train_tokens_per_s']:,.0f}, "
         f"generate {s['generate_tokens_per_s']:,.0f}, evaluation decoding {s['evaluate_tokens_per_s']:,.0f} "
         f"merged vs {s['evaluate_unmerged_tokens_per_s']:,.0f} unmerged"
     )
+
+
+def _over(s: dict[str, Any]) -> str:
+    """` (over uniform: arca +X MiB, ...)` at the profile's beta (the timed runs); empty on the CPU."""
+    over = s.get("peak_over_uniform_mib", {}).get(str(s.get("beta")), {})
+    cells = [f"{m} {v:+.0f} MiB" for m, v in over.items() if m != "uniform" and v is not None]
+    return f" (over uniform: {', '.join(cells)})" if cells else ""
 
 
 def _gib(value: float | None) -> str:
@@ -334,6 +391,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 2, --full 3)")
     parser.add_argument("--methods", default=None, help=f"comma-separated (default {','.join(FIRST)}; --full all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here (for stages.plan)")
+    parser.add_argument(
+        "--betas",
+        type=_betas,
+        default=(),
+        help="more KL betas to measure peak memory at, e.g. 0.04 (each method again)",
+    )
     options = parser.parse_args()
     size = TINY if options.tiny else FULL
     if not options.tiny and not torch.cuda.is_available():
@@ -350,15 +413,33 @@ def main() -> None:
         for method in methods:
             results[method] = measure(method, size, steps, workdir, device)
             print(f"{method}: {json.dumps(results[method])}", flush=True)
+        memory = {float(paper_params()["train"]["beta"]): results}
+        for beta in (b for b in options.betas if b not in memory):
+            memory[beta] = {}
+            for method in methods:
+                memory[beta][method] = measure(method, size, steps, workdir, device, beta)
+                print(f"{method} at beta {beta}: {json.dumps(memory[beta][method])}", flush=True)
     decode = decode_rates(size, device)
     print(f"evaluation decoding: {json.dumps(decode)}", flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    result = summary(results, size, name, steps, decode)
+    result = summary(results, size, name, steps, decode, memory)
     result["wall_s"] = round(time.perf_counter() - start, 1)
     if options.json:
         options.json.write_text(json.dumps(result, indent=2) + "\n")  # methods in run order
     print(f"total {result['wall_s']:.0f} s")
+    print(memory_line(result))
     print(final_line(result))
+
+
+def _betas(text: str) -> tuple[float, ...]:
+    """`--betas 0.04,0.1`: KL coefficients >= 0."""
+    try:
+        betas = tuple(float(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--betas: comma-separated numbers, got {text!r}") from None
+    if any(b < 0 for b in betas):
+        raise argparse.ArgumentTypeError(f"--betas: every beta must be >= 0, got {text!r}")
+    return betas
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ tokens per second (generation, scoring passes, backward) for `train`, generation
 and the dump sample) for `dump`, and greedy decoding with the adapter merged into a copy (what
 `arca.sampling.evaluation` decodes with) for `evaluate`. Left out: the dumps' scoring passes, base-model download,
 prepare, diagnose, the degeneration map, tables and figures (minutes, CPU).
+
+Then the expected peak memory of one training process (`arca.run.memory`: an estimate from the model's
+architecture, LoRA, micro-batch and lengths, the formula in its docstring and docs/profiles.md) for the run
+that needs the most and per method; the architecture from `--model-config`, else the Qwen3-1.7B config in
+bench/ for the GPU profiles' models, else the base model the pipeline materialized (data/models/base), else
+"unknown model config". With `--gpu-check`, the peaks bench/gpu_check.py measured are printed beside it.
 """
 
 from __future__ import annotations
@@ -25,9 +31,17 @@ from typing import Any
 
 import click
 
+from arca.run.memory import GIB, Architecture, Shape, peak_bytes
 from stages.common import load_valid
 from stages.schema import validate
 from stages.strict import ParamsError
+
+ROOT = Path(__file__).resolve().parents[1]
+# Hub models whose architecture is Qwen3-1.7B's (the base and the post-trained model share it).
+QWEN3_1_7B = ("Qwen/Qwen3-1.7B-Base", "Qwen/Qwen3-1.7B")
+QWEN3_CONFIG = ROOT / "bench" / "qwen3_1_7b_base_config.json"
+LOCAL_CONFIG = Path("data/models/base/config.json")  # what `stages.base` materialized for the active params
+ASSUMED_PROMPT_TOKENS = 256  # `train.max_prompt_length: null` keeps every prompt: a MATH prompt is ~100-250
 
 # Rows of a MATH split when `n` is null (upper bounds: rows without a boxed answer are dropped by prepare).
 SPLIT_ROWS = {"train": 7500, "test": 5000, "math500": 500}
@@ -151,6 +165,97 @@ def throughput(
     )
 
 
+def _model_config(params: dict[str, Any], explicit: str | None, active: bool) -> tuple[dict[str, Any] | None, str]:
+    """(config.json as a dict, where it came from), or (None, why not)."""
+    model = params["model"]
+    if explicit:
+        return json.loads(Path(explicit).read_text()), explicit
+    if model.get("profile") == "hub" and model.get("hub_id") in QWEN3_1_7B:
+        return json.loads(QWEN3_CONFIG.read_text()), str(QWEN3_CONFIG.relative_to(ROOT))
+    if active and LOCAL_CONFIG.exists():
+        return json.loads(LOCAL_CONFIG.read_text()), str(LOCAL_CONFIG)
+    return None, "unknown model config (no data/models/base/config.json: `dvc repro base`, or --model-config)"
+
+
+def training_shape(params: dict[str, Any], rank: int) -> tuple[Shape, list[str]]:
+    """One training process's batch shape at `rank`, and the assumptions made."""
+    train, lora, notes = params["train"], params["lora"], []
+    processes = int(train.get("num_processes", 1))
+    per_step = train["prompts_per_step"] * train["num_generations"]
+    prompt = train.get("max_prompt_length")
+    if prompt is None:
+        prompt = ASSUMED_PROMPT_TOKENS
+        notes.append(f"prompts assumed {prompt} tokens (train.max_prompt_length is null)")
+    dtype = params["model"]["dtype"]
+    if dtype == "auto":
+        dtype = "float32" if train.get("device") == "cpu" else "bfloat16"
+    shape = Shape(
+        micro_batch=max(1, per_step // (train["gradient_accumulation_steps"] * processes)),
+        rollouts=max(1, per_step // processes),
+        prompt_tokens=int(prompt),
+        completion_tokens=int(train["max_completion_length"]),
+        dtype=dtype,
+        rank=rank,
+        targets=lora["target_modules"] if isinstance(lora["target_modules"], str) else tuple(lora["target_modules"]),
+        lora_dropout=float(lora.get("dropout") or 0.0),
+        gradient_checkpointing=bool(train.get("gradient_checkpointing")),
+    )
+    return shape, notes
+
+
+def format_memory(params: dict[str, Any], config: dict[str, Any] | None, source: str, gpu_check: str | None) -> str:
+    """The planner's memory lines: the estimate for the run that needs the most and per method, and the peaks
+    bench/gpu_check.py measured when its JSON is given."""
+    lines = []
+    if config is None:
+        lines.append(f"peak memory per training process: {source}")
+    else:
+        arch = Architecture.from_config(config)
+        peaks, largest = {}, None
+        for run, spec in params["study"]["runs"].items():
+            shape, notes = training_shape(params, int(spec["rank"]))
+            terms = peak_bytes(arch, shape, spec["method"])
+            peaks[spec["method"]] = max(peaks.get(spec["method"], 0), terms["peak"])
+            if largest is None or terms["peak"] > largest[1]["peak"]:
+                largest = (run, terms, shape, notes)
+        run, terms, shape, notes = largest
+        where = "GPU" if params["train"].get("device") != "cpu" else "CPU"
+        gib = {k: v / GIB for k, v in terms.items()}
+        lines.append(
+            f"peak {where} memory per training process (estimate, arca/run/memory.py, model config {source}): "
+            f"{gib['peak']:.1f} GiB for {run} ({shape.dtype}, micro-batch {shape.micro_batch} x "
+            f"{shape.prompt_tokens} + {shape.completion_tokens} tokens, r{shape.rank}, gradient checkpointing "
+            f"{'on' if shape.gradient_checkpointing else 'off'}) = weights {gib['weights']:.1f} + LoRA, gradients and "
+            f"AdamW {gib['lora_state']:.1f} + max(generation KV cache {gib['generation']:.1f}, training pass "
+            f"{gib['activations'] + gib['head_chunk'] + gib['method']:.1f}: activations {gib['activations']:.1f}, "
+            f"LM-head tile {gib['head_chunk']:.2f}, method {gib['method']:.2f})"
+            + (f"; {'; '.join(notes)}" if notes else "")
+            + (
+                "; on the CPU TRL's LM head runs unfused over every position: bench/memory.py measured 2-5x the "
+                "training pass on its model"
+                if where == "CPU"
+                else ""
+            )
+        )
+        lines.append(
+            "  by method (largest rank): " + ", ".join(f"{m} {p / GIB:.1f}" for m, p in peaks.items()) + " GiB"
+        )
+    if gpu_check:
+        measured = json.loads(Path(gpu_check).read_text())
+        if measured.get("peak_gib") is None:
+            lines.append(f"measured ({gpu_check}): no peak GPU memory (a CPU rehearsal)")
+        else:
+            over = measured.get("peak_over_uniform_mib", {})
+            cells = [
+                f"{m} {v:+.0f} MiB at beta {b}" for b, row in over.items() for m, v in row.items() if m != "uniform"
+            ]
+            lines.append(
+                f"measured ({gpu_check}, {measured['device']}, {measured['model']}, paper profile at r64): peak "
+                f"{measured['peak_gib']:.1f} GiB" + (f"; over uniform: {', '.join(cells)}" if cells else "")
+            )
+    return "\n".join(lines)
+
+
 @click.command()
 @click.option("--profile", default=None, help="a profile of conf/profile/ (default: the active params.yaml)")
 @click.option("-S", "--set-param", "overrides", multiple=True, help="Hydra override, as `dvc exp run -S`")
@@ -159,6 +264,9 @@ def throughput(
 @click.option("--generate-tokens-per-s", "generate_rate", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--evaluate-tokens-per-s", "evaluate_rate", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--gpu-check", type=click.Path(exists=True, dir_okay=False), help="JSON of `bench.gpu_check --json`")
+@click.option(
+    "--model-config", type=click.Path(exists=True, dir_okay=False), help="config.json for the memory estimate"
+)
 def main(
     profile: str | None,
     overrides: tuple[str, ...],
@@ -167,6 +275,7 @@ def main(
     generate_rate: float | None,
     gpu_check: str | None,
     evaluate_rate: float | None,
+    model_config: str | None,
 ) -> None:
     if profile is None and overrides:
         raise click.UsageError("-S needs --profile (the active params.yaml is planned as it is)")
@@ -182,6 +291,8 @@ def main(
             raise click.ClickException(str(err)) from None
     rate = throughput(train_rate, generate_rate, gpu_check, evaluate_rate)
     click.echo(format_plan(params, plan(params), rate, source))
+    config, config_source = _model_config(params, model_config, active=profile is None)
+    click.echo(format_memory(params, config, config_source, gpu_check))
 
 
 if __name__ == "__main__":
