@@ -44,4 +44,7 @@ assert importlib.util.find_spec("stages") is None and importlib.util.find_spec("
 print("installed:", ", ".join(f"{p} {md.version(p)}" for p in ("trl", "transformers", "peft", "accelerate", "torch",
                                                              "datasets", "math-verify", "numpy", "pandas")))
 PY
+# The console script from the wheel, and the package data it needs (the explorer page).
+"$work/venv/bin/arca" inspect --help | grep -- "--adapter" > /dev/null  # not -q: an early exit would SIGPIPE under pipefail
+"$py" -c "from importlib import resources; assert resources.files('arca.analysis').joinpath('explorer_page.html').is_file()"
 echo "wheel check passed in $((SECONDS - start)) s"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from arca.inspect.checks import Base, check_adapter, check_adapter_fits, read_prompts, resolve_base
+from arca.inspect.checks import Adapter, Base, check_adapter, check_adapter_fits, read_prompts, resolve_base
 
 log = logging.getLogger("arca.inspect")
 UNKNOWN_METHOD = "unknown"  # the `method` column: nothing in a PEFT adapter says how it was trained
@@ -63,7 +63,7 @@ class Checked:
     """The inputs after `check`: prompts (prompt_id, problem, answer), the adapter, the base and the run id."""
 
     problems: pd.DataFrame
-    adapter: object
+    adapter: Adapter
     base: Base
     run: str
     step: int
