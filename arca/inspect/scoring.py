@@ -75,6 +75,9 @@ def write_outputs(settings: InspectSettings, checked: Checked, model, tokenizer,
         paths |= {"effects": out / "effects.parquet", "faithfulness": out / "faithfulness.md"}
         write_parquet(paths["effects"], effects, metadata={"arca.run": checked.run, "arca.dump_md5": md5})
         write_text(paths["faithfulness"], faithfulness_markdown(tokens, effects, answered, settings))
+    else:  # an earlier inspection's SPEC 9 files in the same --out would read as this one's
+        for name in ("effects.parquet", "faithfulness.md"):
+            (out / name).unlink(missing_ok=True)
     paths["explorer"] = write_explorer(
         out / "explorer.html",
         tokens,

@@ -86,6 +86,8 @@ def test_inspect_with_answers_writes_all_four_outputs(inputs, monkeypatch, caplo
 
 def test_inspect_without_answers_skips_rewards_and_faithfulness(inputs, tmp_path):
     write_prompts(Path(inputs["--prompts"]), [{"problem": p["problem"]} for p in PROBLEMS])
+    Path(inputs["--out"]).mkdir()
+    (Path(inputs["--out"]) / "faithfulness.md").write_text("an earlier inspection's")  # must not survive
     code, output = inspect(*flat(inputs), *SMALL, "--run", "mine")
     assert code == 0, output
     out = Path(inputs["--out"])
