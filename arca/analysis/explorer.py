@@ -53,6 +53,13 @@ def rounded(values) -> list[float | None]:
     return out
 
 
+def compact(values) -> list[float | None] | float | None:
+    """`rounded(values)`, or its one value when every value rounds the same (uniform weights, a fallback row):
+    the page reads a number where a list would repeat it."""
+    out = rounded(values)
+    return out[0] if out and out.count(out[0]) == len(out) else out
+
+
 def _signals(columns) -> list[str]:
     """Signals with a `w_<s>` column, SPEC 2 order first, then any others sorted."""
     found = {c[2:] for c in columns if c.startswith("w_")}
@@ -119,8 +126,8 @@ def _completion(rows: pd.DataFrame, signals: list[str], stats: dict, index: int,
         "pos": positions,
         "ids": rows["token_id"].astype(int).tolist() if "token_id" in rows else [None] * len(rows),
         "tok": [visible_token(t) for t in rows["token"].astype(str)],
-        "w": [rounded(rows[f"w_{s}"]) for s in signals],
-        "a": [rounded(rows[f"a_{s}"]) if f"a_{s}" in rows else None for s in signals],
+        "w": [compact(rows[f"w_{s}"]) for s in signals],  # per signal: a list over tok, or one number for all
+        "a": [compact(rows[f"a_{s}"]) if f"a_{s}" in rows else None for s in signals],
         "gini": [rounded([stats[s]["gini"].iat[index]])[0] for s in signals],
         "etr": [rounded([stats[s]["etr"].iat[index]])[0] for s in signals],
         "dec": sorted(at[p] for p in decisive if p in at),  # indices into tok

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arca.analysis.explorer import explorer_data, explorer_html, rounded, visible_token, write_explorer
+from arca.analysis.explorer import compact, explorer_data, explorer_html, rounded, visible_token, write_explorer
 from arca.credit.diagnostics import effective_token_ratio, gini
 
 SIGNALS = ("uniform", "kl", "arca")
@@ -73,6 +73,11 @@ PROBLEMS = pd.DataFrame(
 )
 
 
+def spread(values, n: int) -> list:
+    """A page value over n tokens: its list, or its one shared number repeated (explorer.compact)."""
+    return values if isinstance(values, list) else [values] * n
+
+
 def test_every_completion_with_its_concentration_and_marks():
     tokens = make_tokens()
     data = explorer_data(tokens, effects=make_effects(tokens), problems=PROBLEMS)
@@ -95,8 +100,9 @@ def test_every_completion_with_its_concentration_and_marks():
             w = rows[f"w_{s}"].to_numpy(np.float64)[None]  # (1, T): the padded reference functions
             assert c["gini"][k] == pytest.approx(gini(w, np.ones_like(w))[0], rel=5e-3, abs=1e-9)
             assert c["etr"][k] == pytest.approx(effective_token_ratio(w, np.ones_like(w))[0], rel=5e-3)
-            assert c["w"][k] == pytest.approx(rows[f"w_{s}"].tolist(), rel=5e-3)
-            assert c["a"][k] == pytest.approx(rows[f"a_{s}"].tolist(), rel=5e-3)
+            assert spread(c["w"][k], len(rows)) == pytest.approx(rows[f"w_{s}"].tolist(), rel=5e-3)
+            assert spread(c["a"][k], len(rows)) == pytest.approx(rows[f"a_{s}"].tolist(), rel=5e-3)
+        assert c["w"][0] == 1.0 and c["a"][0] == 1.0  # uniform: one number for every token
         marked = c["run"] == "arca-r8-s0" and c["step"] == 4
         assert (c["dec"], c["scored"]) == (([2, 3], [1, 2, 3, 4]) if marked else ([], []))
     assert data["problems"] == {"p0": {"problem": "What is 2 + 3?", "answer": "5"},
@@ -106,6 +112,7 @@ def test_every_completion_with_its_concentration_and_marks():
 def test_floats_are_rounded_and_nan_is_null():
     values = [0.123456, 1234.5678, 1.23456e-7, float("nan"), float("inf")]
     assert rounded(values) == [0.123, 1230.0, 1.23e-7, None, None]
+    assert compact([1.0, 1.0001, 0.99999]) == 1.0 and compact([1.0, 2.0]) == [1.0, 2.0] and compact([]) == []
 
 
 class _Scripts(HTMLParser):
