@@ -42,11 +42,12 @@ class Adapter:
 
 
 def read_prompts(path: Path | str) -> pd.DataFrame:
-    """The prompts file: one JSON object per line with a string `problem`, optionally `answer` (string or number)
-    and `id` (a unique string; default `line-<n>`, n the 1-based line number). Blank lines are skipped.
+    """The prompts file: one JSON object per line with a string `problem`, optionally `answer` (string or number),
+    `id` (a unique string; default `line-<n>`, n the 1-based line number) and `messages` (the whole chat prompt,
+    e.g. a system prompt and few-shot turns, instead of `problem` as the one user message). Blank lines are skipped.
 
     Returns:
-        prompt_id, problem, answer (None where the line has none), in file order.
+        prompt_id, problem, answer, messages (None where the line has none), in file order.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,6 +63,7 @@ def read_prompts(path: Path | str) -> pd.DataFrame:
             "prompt_id": [r["prompt_id"] for r in rows],
             "problem": [r["problem"] for r in rows],
             "answer": pd.Series([r["answer"] for r in rows], dtype=object),  # None stays None, not NaN
+            "messages": pd.Series([r["messages"] for r in rows], dtype=object),
         }
     )
     repeated = frame["prompt_id"][frame["prompt_id"].duplicated()].tolist()
@@ -87,7 +89,18 @@ def _prompt_row(path: Path, number: int, line: str) -> dict[str, object]:
     prompt_id = row.get("id", f"line-{number:05d}")
     if not isinstance(prompt_id, (str, int)) or isinstance(prompt_id, bool) or not str(prompt_id).strip():
         raise InputError(f"{where}: `id` must be a non-empty string or an int, got {prompt_id!r}")
-    return {"prompt_id": str(prompt_id), "problem": problem, "answer": None if answer is None else str(answer)}
+    messages = row.get("messages")
+    if messages is not None and not (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
+        raise InputError(f'{where}: `messages` must be a non-empty list of {{"role": ..., "content": ...}} strings')
+    answer = None if answer is None else str(answer)
+    return {"prompt_id": str(prompt_id), "problem": problem, "answer": answer, "messages": messages}
 
 
 def check_adapter(path: Path | str) -> Adapter:

@@ -99,6 +99,9 @@ def inspect_adapter(settings: InspectSettings) -> dict[str, Path]:
     checked = check(settings)
     tokenizer = load_tokenizer(settings, checked.base)
     chat = use_chat(tokenizer, settings.format)
+    if not chat and checked.problems["messages"].notna().any():
+        line = checked.problems.loc[checked.problems["messages"].notna(), "prompt_id"].iat[0]
+        raise ValueError(f"--prompts: {line} has `messages`, a chat prompt; drop --format raw (or the messages)")
     from arca.inspect.scoring import load_policy, write_outputs  # torch only after every check passed
 
     model = load_policy(settings, checked.base)
@@ -126,8 +129,14 @@ def use_chat(tokenizer, fmt: str | None) -> bool:
 
 
 def prompts_of(problems: pd.DataFrame, chat: bool) -> list:
-    """The prompt of each problem: one user message (chat) or the problem text itself (raw)."""
-    return [[{"role": "user", "content": p}] if chat else p for p in problems["problem"]]
+    """The prompt of each problem: its `messages`, or one user message holding the problem (chat); the problem text
+    itself (raw)."""
+    if not chat:
+        return problems["problem"].tolist()
+    return [
+        m if m is not None else [{"role": "user", "content": p}]
+        for p, m in zip(problems["problem"], problems["messages"])
+    ]
 
 
 def settings_md5(settings: InspectSettings) -> str:

@@ -16,11 +16,14 @@ from tests.tiny import tiny_tokenizer
 
 def test_prompts_file_reads_problems_answers_and_ids(tmp_path):
     path = tmp_path / "p.jsonl"
-    lines = [{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": 4, "id": "four"}, {"problem": "x?"}]
+    system = [{"role": "system", "content": "Box it."}, {"role": "user", "content": "x?"}]
+    lines = [{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": 4, "id": "four"}]
+    lines.append({"problem": "x?", "messages": system})
     path.write_text("\n".join(json.dumps(r) for r in lines[:2]) + "\n\n" + json.dumps(lines[2]) + "\n")
     frame = read_prompts(path)
     assert frame["prompt_id"].tolist() == ["line-00001", "four", "line-00004"]  # blank line 3 skipped, still counted
     assert frame["answer"].tolist() == ["2", "4", None]
+    assert frame["messages"].tolist() == [None, None, system]
 
 
 @pytest.mark.parametrize(
@@ -33,6 +36,7 @@ def test_prompts_file_reads_problems_answers_and_ids(tmp_path):
         ('{"problem": "a"}\n{"question": "1+1"}\n', r"line 2: `problem` must be a non-empty string, got None"),
         ('{"problem": "1+1", "answer": [2]}\n', r"line 1: `answer` must be a string or a number"),
         ('{"problem": "a", "id": "x"}\n{"problem": "b", "id": "x"}\n', r"`id` 'x' is used twice"),
+        ('{"problem": "a", "messages": [{"role": "user"}]}\n', r"line 1: `messages` must be a non-empty list of"),
     ],
 )
 def test_bad_prompts_files_name_the_line(tmp_path, text, message):

@@ -106,6 +106,7 @@ def test_inspect_without_answers_skips_rewards_and_faithfulness(inputs, tmp_path
         ({"--adapter": "wide"}, "does not fit --base"),
         ({"--adapter": "prefix"}, "peft_type is 'PREFIX_TUNING', not 'LORA'"),
         ({"--format": "chat", "--base": "no-template"}, "--format chat: the tokenizer has no chat template"),
+        ({"--format": "raw", "--prompts": "chat.jsonl"}, "--prompts: line-00001 has `messages`, a chat prompt"),
     ],
 )
 def test_bad_inputs_fail_before_any_model_loads(inputs, tmp_path, monkeypatch, change, message):
@@ -119,6 +120,7 @@ def test_bad_inputs_fail_before_any_model_loads(inputs, tmp_path, monkeypatch, c
     monkeypatch.setattr(PeftModel, "from_pretrained", refuse)
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"problem": "1+1"}\n{"problem": \n')
+    write_prompts(tmp_path / "chat.jsonl", [{"problem": "1+1", "messages": [{"role": "user", "content": "1+1"}]}])
     save_adapter(tmp_path / "wide", hidden_size=48)
     prefix = save_adapter(tmp_path / "prefix")
     config = json.loads((prefix / "adapter_config.json").read_text())
@@ -150,6 +152,7 @@ def test_tokens_equal_the_dump_stage_on_the_same_completions(tmp_path, monkeypat
         {"problem": p[0]["content"], "answer": a, "id": i}
         for i, p, a in probe[["prompt_id", "prompt", "answer"]].values
     ]
+    rows[0]["messages"] = [dict(m) for m in probe["prompt"].iat[0]]  # the whole chat prompt, as prepare writes it
     write_prompts(tmp_path / "probe.jsonl", rows)
     ours = {}
     for step in (0, 2):
