@@ -60,7 +60,8 @@ class InspectSettings:
 
 @dataclass(frozen=True)
 class Checked:
-    """The inputs after `check`: prompts (prompt_id, problem, answer), the adapter, the base and the run id."""
+    """The inputs after `check`: prompts (prompt_id, problem, answer, messages), the adapter, the base, the run id
+    and the checkpoint step."""
 
     problems: pd.DataFrame
     adapter: Adapter
@@ -100,8 +101,11 @@ def inspect_adapter(settings: InspectSettings) -> dict[str, Path]:
     tokenizer = load_tokenizer(settings, checked.base)
     chat = use_chat(tokenizer, settings.format)
     if not chat and checked.problems["messages"].notna().any():
-        line = checked.problems.loc[checked.problems["messages"].notna(), "prompt_id"].iat[0]
-        raise ValueError(f"--prompts: {line} has `messages`, a chat prompt; drop --format raw (or the messages)")
+        first = checked.problems.loc[checked.problems["messages"].notna(), "prompt_id"].iat[0]
+        raise ValueError(
+            f"--prompts: {first} has `messages`, a chat prompt, but the prompts go in as raw text (--format raw, or "
+            "a tokenizer without a chat template); drop the messages or use a tokenizer with a template"
+        )
     from arca.inspect.scoring import load_policy, write_outputs  # torch only after every check passed
 
     model = load_policy(settings, checked.base)
