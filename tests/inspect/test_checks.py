@@ -10,7 +10,7 @@ import yaml
 
 from arca.inspect.checks import InputError, check_adapter, check_adapter_fits, read_prompts, resolve_base
 from arca.inspect.report import FORMATTING_TOKENS, adapter_step, use_chat
-from tests.inspect.conftest import ROOT, save_adapter, save_base
+from tests.inspect.saved import ROOT, save_adapter, save_base
 from tests.tiny import tiny_tokenizer
 
 

@@ -21,7 +21,7 @@ from arca.inspect.cli import main
 from arca.io import write_parquet
 from arca.sampling.dump import dump_schema
 from arca.tasks.grading import GRADERS
-from tests.inspect.conftest import save_adapter, save_base
+from tests.inspect.saved import save_adapter, save_base
 from tests.stages.test_gpu_profiles import save_hub_snapshot
 
 PROBLEMS = [{"problem": "1+1", "answer": "2"}, {"problem": "what is 22 + 3?", "answer": "25"}]
