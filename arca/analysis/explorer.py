@@ -94,9 +94,9 @@ def _marks(effects: pd.DataFrame | None) -> dict[tuple, tuple[set, set]]:
     if effects is None or effects.empty:
         return {}
     out: dict[tuple, tuple[set, set]] = {}
-    for key, rows in effects.groupby(KEYS, sort=False):
+    for _, rows in effects.groupby(KEYS, sort=False, observed=True):
         pos = rows["pos"].astype(int)
-        out[tuple(key)] = (set(pos[rows["decisive"].astype(bool)].tolist()), set(pos.tolist()))
+        out[_key(rows.iloc[0])] = (set(pos[rows["decisive"].astype(bool)].tolist()), set(pos.tolist()))
     return out
 
 
@@ -112,7 +112,7 @@ def _completion(rows: pd.DataFrame, signals: list[str], stats: dict, index: int,
     """One completion's record: its keys, tokens, every signal's a and w, Gini / ETR, decisive marks."""
     first = rows.iloc[0]
     key = _key(first)
-    decisive, scored = marks.get((key[0], key[1], key[2], key[3]), (set(), set()))
+    decisive, scored = marks.get(key, (set(), set()))
     positions = rows["pos"].astype(int).tolist()
     at = {p: i for i, p in enumerate(positions)}
     return {

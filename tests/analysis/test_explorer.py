@@ -141,6 +141,8 @@ def test_page_is_self_contained_and_token_text_cannot_break_out():
     data = json.loads(payload)
     assert data["completions"][0]["tok"][0] == visible_token(NASTY[0])  # the text survives, escaped
     assert explorer_data(tokens, effects=make_effects(tokens), problems=PROBLEMS) == data
+    reordered = tokens.sample(frac=1.0, random_state=1)  # the page is a function of the rows, not their order
+    assert explorer_html(reordered, effects=make_effects(tokens), problems=PROBLEMS, title="T <&> runs") == page
 
 
 def test_without_effects_problems_or_optional_columns():
