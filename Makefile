@@ -34,7 +34,7 @@ repro: $(STAMP)
 	$(BIN)/dvc repro
 
 test: $(STAMP)  ## single-threaded torch: tiny models gain nothing from threads and tests stay fast on a busy machine
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest --ignore=tests/stages/test_scale_out.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -rs --ignore=tests/stages/test_scale_out.py  # -rs: say why a test skipped
 
 # The two-machine sweep on CPU (~4 min): kept out of `make test` for its 10-minute budget; CI runs both.
 test-scale: $(STAMP)

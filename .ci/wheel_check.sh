@@ -41,7 +41,14 @@ assert issubclass(CreditGRPOConfig, trl.GRPOConfig) and issubclass(CreditGRPOTra
 assert math_reward("\\boxed{2}", "2") == 1.0 and callable(run_training) and callable(normalize)
 assert "site-packages" in arca.__file__, arca.__file__
 assert importlib.util.find_spec("stages") is None and importlib.util.find_spec("bench") is None
+# The token explorer's page is package data (explorer_page.html): a wheel without it fails here, not in a user's hands.
+import pandas as pd
+from arca.analysis.explorer import explorer_html
+row = {"run": ["r"], "step": [0], "prompt_id": ["p"], "sample": [0], "pos": [0], "token": ["x"], "w_arca": [1.0]}
+assert '"run":"r"' in explorer_html(pd.DataFrame(row))
 print("installed:", ", ".join(f"{p} {md.version(p)}" for p in ("trl", "transformers", "peft", "accelerate", "torch",
                                                              "datasets", "math-verify", "numpy", "pandas")))
 PY
+# The console script `pip install .` puts beside the interpreter, from the wheel.
+"$work/venv/bin/arca" inspect --help | grep -- "--adapter" > /dev/null  # not -q: an early exit would SIGPIPE under pipefail
 echo "wheel check passed in $((SECONDS - start)) s"

@@ -65,14 +65,15 @@ def dump_run(run: str, meta: dict, params: dict, checked: list[str], engine: str
     tables = []
     for step, adapter_dir in snapshots(Path("data/runs") / run).items():
         model = with_adapter(base, adapter_dir)
+        label = f"dump {run} step {step}"
         if sampler is None:
-            rollouts = generate(model, tokenizer, prompts, **sampling)
+            rollouts = generate(model, tokenizer, prompts, **sampling, progress=f"{label}: sampling")
         else:
             rollouts = sampler.generate(tokenizer, prompts, adapter_dir=adapter_dir, **sampling)
         rewards = torch.tensor([grade(t, answers[i]) for i, t in zip(rollouts.prompt_index.tolist(), rollouts.texts)])
-        weights = signal_weights(model, rollouts, credit, SIGNAL_NAMES, batch_size, temperature)
+        weights = signal_weights(model, rollouts, credit, SIGNAL_NAMES, batch_size, temperature, f"{label}: signals")
         # The float32 truth of the same tokens: no new rollouts, the checkpoint's weights upcast in place.
-        a32 = float32_saliences(model, rollouts, checked, credit.layer, batch_size, temperature)
+        a32 = float32_saliences(model, rollouts, checked, credit.layer, batch_size, temperature, f"{label}: float32")
         tables.append(token_table(rollouts, tokenizer, prompt_ids, rewards, weights, {**meta, "step": step}, a32))
         log.info("%s step %d: reward %.2f, %d tokens", run, step, rewards.mean(), len(tables[-1]))
         base = model.unload()

@@ -114,6 +114,7 @@ def main(
         batch_size=block["batch_size"],
         chat_template_kwargs=model_params.get("chat_template_kwargs"),
         sample=sample,
+        progress=f"evaluate {run}",
     )
     summary = {
         "run": run,

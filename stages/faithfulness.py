@@ -28,19 +28,6 @@ from stages.common import load_valid, section
 
 log = logging.getLogger("stages.faithfulness")
 OUT = Path("data/faithfulness")
-EFFECT_TYPES = {
-    "step": "int32",
-    "sample": "int32",
-    "pos": "int32",
-    "token_id": "int32",
-    "alt_token_id": "int32",
-    "r0": "float32",
-    "r1": "float32",
-    "effect": "float32",
-    "decisive": "bool",
-    "control_tokens": "int32",
-    "intervention_tokens": "int32",
-}
 
 
 def faithfulness_params(params: dict) -> dict:
@@ -71,7 +58,7 @@ def chosen_steps(steps: str | list[int], available: list[int], run: str) -> list
 
 def effects_at(run: str, step: int, dump: pd.DataFrame, model, tokenizer, params: dict) -> pd.DataFrame:
     """The effects table of one checkpoint (rows sorted by prompt_id, sample, pos)."""
-    from arca.sampling.counterfactual import probes_from_dump, token_effects
+    from arca.sampling.counterfactual import effects_frame, probes_from_dump, token_effects
     from arca.sampling.rollouts import eos_token_ids
     from arca.tasks.grading import GRADERS
 
@@ -94,12 +81,9 @@ def effects_at(run: str, step: int, dump: pd.DataFrame, model, tokenizer, params
         max_completion_length=train["max_completion_length"],
         eos_ids=eos_token_ids(model.generation_config, tokenizer),
         batch_size=cfg["batch_size"],
+        progress=f"faithfulness {run} step {step}",
     )
-    frame = pd.DataFrame(rows)
-    frame = pd.concat([keys.iloc[frame.pop("probe")].reset_index(drop=True), frame], axis=1)
-    frame.insert(0, "step", step)
-    frame.insert(0, "run", run)
-    return frame.astype(EFFECT_TYPES)
+    return effects_frame(keys, rows, run, step)
 
 
 @click.command()

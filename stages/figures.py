@@ -1,10 +1,13 @@
-"""Stage `figures`: Lorenz curves, regime map, training curves and token heatmaps under results/figures/.
+"""Stage `figures`: Lorenz curves, regime map, training curves, token heatmaps and the token explorer under
+results/figures/.
 
 Run from the repository root: `python -m stages.figures [--params params.yaml]`. Reads
 `data/dumps/*.parquet`, `data/diagnostics/trajectories.parquet`, `data/runs/*/{log.tsv,budget.json}` and,
 where present, `data/eval/*.json` and `data/faithfulness/<run>/{scores,effects}.parquet` (the lift figure, and
 boxes on the decisive tokens of the heatmaps) and `data/degeneration/degeneration.parquet` (the degeneration
-map, SPEC 10: Gini against KL(pi_c || pi_ref)).
+map, SPEC 10: Gini against KL(pi_c || pi_ref)). The token explorer (results/figures/explorer.html,
+`arca.analysis.explorer`) shows every run x checkpoint x probe completion of the dumps, with the problem text and
+reference answer of data/prepared/probe.parquet and the decisive tokens of every faithfulness run.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from arca.analysis.degeneration_report import degeneration_figure
+from arca.analysis.explorer import write_explorer
 from arca.analysis.faithfulness_figure import faithfulness_figure
 from arca.analysis.figures import lorenz_figure, regime_map, training_curves
 from arca.analysis.heatmap import heatmap_pages, heatmap_png
@@ -32,10 +36,13 @@ RUNS = Path("data/runs")
 EVALS = Path("data/eval")
 FAITHFULNESS = Path("data/faithfulness")  # <run>/scores.parquet, <run>/effects.parquet (SPEC 9)
 DEGENERATION = Path("data/degeneration/degeneration.parquet")  # the degeneration map (SPEC 10)
+PROBES = Path("data/prepared/probe.parquet")  # problem text and reference answer of every probe prompt
 FIGURES = Path("results/figures")
 PLOTS = Path("results/plots")
 # Columns the Lorenz curves need from every dump; the heatmap run is read in full.
 _LORENZ_KEYS = ["run", "method", "rank", "step", "prompt_id", "sample"]
+# What the explorer shows of every dump: keys, tokens, reward, advantage, raw saliences and weights (not a32_).
+_EXPLORER_KEYS = ["run", "method", "step", "prompt_id", "sample", "pos", "token_id", "token", "reward", "advantage"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,23 @@ def pick_heatmap_run(dumps: pd.DataFrame, wanted: str | None) -> str:
     return str((arca if len(arca) else methods)["run"].iloc[0])
 
 
+def explorer_page(paths: list[Path], out: Path) -> Path:
+    """The token explorer over every dump, with the probe problems and every faithfulness run's effects."""
+    frames = []
+    for path in paths:
+        names = pq.read_schema(path).names
+        frames.append(pd.read_parquet(path, columns=_EXPLORER_KEYS + [n for n in names if n[:2] in ("a_", "w_")]))
+    effects = [pd.read_parquet(p) for p in sorted(FAITHFULNESS.glob("*/effects.parquet"))]
+    problems = pd.read_parquet(PROBES, columns=["prompt_id", "problem", "answer"]) if PROBES.is_file() else None
+    return write_explorer(
+        out,
+        pd.concat(frames, ignore_index=True),
+        effects=pd.concat(effects, ignore_index=True) if effects else None,
+        problems=problems,
+        title="ARCA token explorer: every run, checkpoint and probe completion",
+    )
+
+
 def read_logs() -> pd.DataFrame:
     """Every run's log.tsv, tagged with run id and the method, rank and seed of its budget.json."""
     frames = []
@@ -183,7 +207,15 @@ def main(params_path: Path) -> None:
         run_dump, FIGURES / "heatmaps", run, max_prompts=params.heatmap_prompts, seed=params.seed, effects=effects
     )
     heatmap_png(run_dump, FIGURES / "heatmaps.png", run, max_prompts=params.heatmap_prompts, seed=params.seed)
-    log.info("wrote figures for %d runs, %d heatmap pages of run %s", dumps["run"].nunique(), len(pages), run)
+    explorer = explorer_page(paths, FIGURES / "explorer.html")
+    log.info(
+        "wrote figures for %d runs, %d heatmap pages of run %s, %s (%.0f kB)",
+        dumps["run"].nunique(),
+        len(pages),
+        run,
+        explorer,
+        explorer.stat().st_size / 1e3,
+    )
 
 
 if __name__ == "__main__":

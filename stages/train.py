@@ -15,6 +15,10 @@ Reads params.yaml `model.{dtype, chat_template_kwargs}`, `lora` (`alpha`, or `al
 rank), `train` and `credit.methods.<method>` (only the credit fields the method uses), the base model in
 data/models/base and the prompts in data/prepared/train.parquet; writes the run directory described in
 `arca.run.training`. Every param is validated before the model loads.
+
+`ARCA_REPORT_TO` (environment, comma-separated TRL `report_to` values, e.g. `tensorboard`; default none) sends the
+training log, `credit/*` metrics included, to trackers while the run trains; file-based ones write under
+`logs/<run id>/` (`logs/<run>/tensorboard`), outside every DVC output. It is no param: setting it retrains nothing.
 """
 
 from __future__ import annotations
@@ -140,6 +144,9 @@ def resolve_run(
     return run, signal, parts[0], parts[1], permute
 
 
+TRACKER_LOGS = Path("logs")  # $ARCA_REPORT_TO's file-based trackers: logs/<run>/, ignored by git and DVC
+
+
 @click.command()
 @click.option("--run", "run", default=None, help="run id, a key of study.runs (e.g. arca_perm-r8-s0)")
 @click.option("--method", default=None, help="credit method, one of arca.credit.config.METHODS")
@@ -181,7 +188,7 @@ def main(
         raise click.ClickException(str(err)) from None
     from arca.run.training import run_training  # heavy imports (torch, TRL) only after validation
 
-    metrics = run_training(settings, credit)
+    metrics = run_training(settings, credit, tracker_dir=TRACKER_LOGS / run)
     click.echo(f"{out_dir}: {metrics.get('steps')} steps, tail reward {metrics.get('reward_tail')}")
 
 

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCA = ROOT / "arca"
-BASE = {"methods", "choices", "io"}
+BASE = {"methods", "choices", "io", "progress"}
 # Room -> the rooms it may import (besides itself and the base modules).
 ALLOWED: dict[str, set[str]] = {
     "base": set(),
@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "analysis": {"credit", "tasks"},
     "grpo": {"credit", "tasks", "sampling"},
     "run": {"grpo", "credit", "tasks", "sampling", "models"},
+    "inspect": {"sampling", "analysis", "credit", "tasks", "models"},  # `arca inspect`: both halves of the pipeline
 }
 TORCH_FREE = {"base", "tasks"}
 THIRD_PARTY_ROOMS = {"trl": {"grpo"}}  # a package -> the only rooms that may import it

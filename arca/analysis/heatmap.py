@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import logging
 import re
-import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -21,13 +20,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from arca.analysis.explorer import visible_token  # one rule for both pages
 from arca.analysis.figures import RC, atomic_write, lorenz_on_grid, save_png, signals_in
 
 log = logging.getLogger(__name__)
 
 LOG2_RANGE = 3.0  # colors saturate at 8x above / below the mean weight
 TOKENS_PER_BLOCK = 16  # columns per aligned block on a page
-_VISIBLE = {"\n": "\u23ce", "\t": "\u21e5", " ": "\u00b7", "\r": "\\r"}
 _CMAP = "RdBu_r"
 # Counterfactual marks (SPEC 9): a box on decisive tokens, a dotted underline on scored, non-decisive ones.
 _DECISIVE_STYLE = {True: ";outline:2px solid #000;outline-offset:-2px", False: ";border-bottom:2px dotted #555"}
@@ -46,16 +45,6 @@ class Completion:
     prompt_id: str
     sample: int
     rows: pd.DataFrame
-
-
-def visible_token(text: str) -> str:
-    """Token text with newline, tab, space, carriage return and other control characters made visible.
-
-    The empty token is shown as `∅`.
-    """
-    if text == "":
-        return "\u2205"
-    return "".join(_VISIBLE.get(ch) or (f"\\x{ord(ch):02x}" if unicodedata.category(ch) == "Cc" else ch) for ch in text)
 
 
 def page_name(prompt_id: str) -> str:

@@ -4,7 +4,9 @@ ships its own variants (`GMPOConfig(GRPOConfig)`), so `TrlParser` and YAML recip
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,7 @@ from arca.methods import FALLBACKS, SCHEMES
 
 logger = logging.getLogger(__name__)
 
+REPORT_TO_ENV = "ARCA_REPORT_TO"  # comma-separated TRL `report_to` values; unset or empty = none
 TOP_ENTROPY_DEFAULT = 0.2  # the 20% "forking tokens" of Wang et al. (2025)
 # `CreditConfig` field -> the `CreditGRPOConfig` argument that sets it (errors name the argument).
 ARGUMENTS = {
@@ -62,6 +65,9 @@ class CreditGRPOConfig(GRPOConfig):
             The permutation control: after normalization, permute each completion's weights uniformly at random
             over its valid tokens (seeded by `seed`, the optimizer step and the completion's tokens; see
             `arca.credit.normalize.permutation_seeds`). Keeps the signal's concentration, loses its positions.
+        report_to (`str`, `list[str]` or `None`, *optional*, defaults to `None`):
+            TRL's `report_to`; left unset, it comes from `$ARCA_REPORT_TO` (`report_to_from_env`: comma-separated,
+            e.g. `tensorboard,wandb`; unset = `"none"`), so a tracker can watch a run without a code change.
     """
 
     credit_method: str = field(
@@ -102,6 +108,11 @@ class CreditGRPOConfig(GRPOConfig):
     credit_permute: bool = field(
         default=False, metadata={"help": "Permute each completion's weights over its tokens (the control)."}
     )
+    # TRL's field with None for "not given": then $ARCA_REPORT_TO decides, where TrainingArguments says "none".
+    report_to: None | str | list[str] = field(  # noqa: RUF036  (TRL's order: its parser needs None first)
+        default=None,
+        metadata={"help": "Trackers (TRL's report_to); unset: $ARCA_REPORT_TO (comma-separated), else none."},
+    )
 
     def __post_init__(self) -> None:
         if self.credit_method == "top_entropy" and self.top_entropy_quantile == 1.0:
@@ -113,6 +124,8 @@ class CreditGRPOConfig(GRPOConfig):
                 f"at 1.0 (credit_method='top_entropy' sets it), got {self.top_entropy_quantile!r}"
             )
         self.credit  # noqa: B018  (validates every credit_* field now, not at the first step)
+        if self.report_to is None:
+            self.report_to = report_to_from_env()
         super().__post_init__()
 
     @property
@@ -138,6 +151,43 @@ class CreditGRPOConfig(GRPOConfig):
             )
         except CreditConfigError as err:
             raise err.renamed(ARGUMENTS[err.field]) from None
+
+
+def report_to_from_env(environ: Mapping[str, str] | None = None) -> str | list[str]:
+    """TRL's `report_to` from `$ARCA_REPORT_TO`: `"none"` when unset or empty, `"all"`, or the listed trackers.
+
+    A tracker only watches: it is in no params hash, run fingerprint or DVC dependency, so setting it retrains
+    nothing. Checked here, before any model loads: an unknown name lists the known ones, a tracker whose package
+    is missing says so (transformers would only fail at the trainer's construction).
+
+    Args:
+        environ: the environment to read; None = `os.environ`.
+    """
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    raw = (os.environ if environ is None else environ).get(REPORT_TO_ENV, "")
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    if names in ([], ["none"]):
+        return "none"
+    if names == ["all"]:
+        return "all"
+    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise ValueError(
+            f"{REPORT_TO_ENV}={raw!r}: unknown tracker(s) {unknown}; give a comma-separated list of "
+            f"{sorted(INTEGRATION_TO_CALLBACK)}, or all, or none"
+        )
+    available = get_available_reporting_integrations()
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ValueError(
+            f"{REPORT_TO_ENV}={raw!r}: {missing} not installed in this environment (installed trackers: "
+            f"{available or 'none'}); pip install the tracker's package or unset {REPORT_TO_ENV}"
+        )
+    return list(dict.fromkeys(names))  # each once, in the given order
 
 
 def credit_arguments(credit: CreditConfig) -> dict[str, Any]:

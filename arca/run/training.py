@@ -36,7 +36,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
 from arca.credit.config import CreditConfig, run_method
-from arca.grpo.config import CreditGRPOConfig, credit_arguments
+from arca.grpo.config import CreditGRPOConfig, credit_arguments, report_to_from_env
 from arca.grpo.trainer import CreditGRPOTrainer
 from arca.io import write_json
 from arca.models.base import resolve_dtype
@@ -140,7 +140,7 @@ def grpo_config(settings: TrainSettings, credit: CreditConfig, world_size: int |
         save_steps=settings.save_steps,
         save_total_limit=2,  # the last one, plus the one before in case the last was cut mid-write
         logging_steps=settings.logging_steps,
-        report_to="none",
+        report_to=report_to_from_env(),  # trackers watch only: in no fingerprint, hash or DVC dependency
         # Without it, Accelerate never takes the multi-CPU (gloo) path: each process of `accelerate launch` on a
         # machine without CUDA trained alone, as process 0, on its share of the batch.
         use_cpu=not cuda,
@@ -202,6 +202,7 @@ def run_training(
     *,
     reward_funcs: Sequence[Callable[..., list[float]]] | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    tracker_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or finish) one run and write its outputs; see the module docstring.
 
@@ -210,11 +211,14 @@ def run_training(
             must be the base model, not a `PeftModel`).
         reward_funcs: TRL reward functions; None: the one `settings.grader` names.
         callbacks: extra `TrainerCallback`s (e.g. to stop a test run mid-way).
+        tracker_dir: where file-based trackers of `$ARCA_REPORT_TO` write (`place_tracker_files`); None: TRL's
+            default, under the checkpoint directory.
 
     Returns:
         The summary written to metrics.json.
     """
     reward_funcs = (reward_function(settings.grader),) if reward_funcs is None else tuple(reward_funcs)
+    report_to_from_env()  # a bad $ARCA_REPORT_TO stops here, before any model loads
     dataset = load_prompts(settings.train_path)
     out = Path(settings.output_dir)
     fingerprint = run_fingerprint(settings, credit, reward_funcs)
@@ -243,6 +247,7 @@ def run_training(
             callbacks=[recorder, *callbacks],
         )
         recorder.trainer = trainer
+        place_tracker_files(trainer, tracker_dir)
         trainer.generated_tokens = int(prior.get("generated_tokens", 0))
         step0 = out / "adapters" / "step-000000"
         if trainer.is_world_process_zero() and not step0.exists():
@@ -256,6 +261,19 @@ def run_training(
     if not trainer.is_world_process_zero():
         return {}
     return _finish(trainer, recorder, settings, credit, too_long, settings_md5(fingerprint))
+
+
+def place_tracker_files(trainer: CreditGRPOTrainer, tracker_dir: Path | None) -> None:
+    """Point TensorBoard's event files at `tracker_dir/tensorboard` (unless `TENSORBOARD_LOGGING_DIR` is set),
+    so they land outside the DVC outputs and the checkpoints; trackers with a server or their own directory
+    (wandb, trackio, mlflow) keep theirs. No-op when `tracker_dir` is None or no TensorBoard tracker is on."""
+    from transformers.integrations import TensorBoardCallback
+
+    if tracker_dir is None:
+        return
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(Path(tracker_dir) / "tensorboard")
 
 
 def _finish(

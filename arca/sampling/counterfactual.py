@@ -21,7 +21,25 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from arca.progress import progress as progress_bar
 from arca.sampling.rollouts import Prompt, completion_mask_from_ids, prompt_texts
+
+# The effects table (`effects_frame`): one row per scored position, these columns typed so.
+EFFECT_TYPES = {
+    "step": "int32",
+    "sample": "int32",
+    "pos": "int32",
+    "token_id": "int32",
+    "alt_token_id": "int32",
+    "r0": "float32",
+    "r1": "float32",
+    "effect": "float32",
+    "decisive": "bool",
+    "control_tokens": "int32",
+    "intervention_tokens": "int32",
+}
+EFFECT_COLUMNS = ["probe", "pos", "token_id", "alt_token_id", "r0", "r1", "effect", "decisive"]
+EFFECT_COLUMNS += ["control_tokens", "intervention_tokens"]  # a `token_effects` row
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,7 @@ def greedy_continuations(
     eos_ids: Sequence[int],
     pad_id: int,
     batch_size: int,
+    progress: str | None = None,
 ) -> list[list[int]]:
     """Complete each prefix greedily: the completion tokens (prefix + continuation, up to and including the
     first EOS, at most `max_completion_length` in all). A prefix that already ends in EOS or fills the
@@ -109,30 +128,50 @@ def greedy_continuations(
 
     Args:
         prompts: per row, the prompt's token ids; prefixes: per row, the kept completion tokens (>= 1).
+        progress: the label of a progress bar over the decodes (`arca.progress`); None: silent.
     """
     budget = [max_completion_length - len(p) for p in prefixes]
     done = [b <= 0 or p[-1] in eos_ids for p, b in zip(prefixes, budget)]
     out = [list(p[:max_completion_length]) for p in prefixes]
     todo = sorted((i for i in range(len(prefixes)) if not done[i]), key=lambda i: (-budget[i], i))
     device = next(model.parameters()).device
-    for start in range(0, len(todo), batch_size):
-        rows = todo[start : start + batch_size]
-        ids, attn = left_pad([prompts[i] + prefixes[i] for i in rows], pad_id)
-        generated = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            max_new_tokens=max(budget[i] for i in rows),
-            pad_token_id=pad_id,
-            eos_token_id=list(eos_ids),
-        )[:, ids.shape[1] :].cpu()  # (b, new)
-        keep = completion_mask_from_ids(generated, eos_ids).bool()  # (b, new): up to the first EOS
-        for j, i in enumerate(rows):
-            out[i] = out[i] + generated[j][keep[j]][: budget[i]].tolist()
+    with progress_bar(total=len(todo), desc=progress, unit="decode") as bar:
+        for start in range(0, len(todo), batch_size):
+            rows = todo[start : start + batch_size]
+            _decode_batch(model, rows, prompts, prefixes, budget, out, eos_ids=eos_ids, pad_id=pad_id, device=device)
+            bar.update(len(rows))
     return out
+
+
+def _decode_batch(
+    model: PreTrainedModel,
+    rows: Sequence[int],
+    prompts: Sequence[list[int]],
+    prefixes: Sequence[list[int]],
+    budget: Sequence[int],
+    out: list[list[int]],
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    device: torch.device,
+) -> None:
+    """One left-padded greedy `generate` over `rows`; appends each row's continuation (up to its first EOS, within
+    its budget) to `out[row]`."""
+    ids, attn = left_pad([prompts[i] + prefixes[i] for i in rows], pad_id)
+    generated = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=attn.to(device),
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        max_new_tokens=max(budget[i] for i in rows),
+        pad_token_id=pad_id,
+        eos_token_id=list(eos_ids),
+    )[:, ids.shape[1] :].cpu()  # (b, new)
+    keep = completion_mask_from_ids(generated, eos_ids).bool()  # (b, new): up to the first EOS
+    for j, i in enumerate(rows):
+        out[i] = out[i] + generated[j][keep[j]][: budget[i]].tolist()
 
 
 def token_effects(
@@ -144,6 +183,7 @@ def token_effects(
     max_completion_length: int,
     eos_ids: Sequence[int],
     batch_size: int = 16,
+    progress: str | None = None,
 ) -> list[dict[str, object]]:
     """Per probe and scored position: {probe, pos, token_id, alt_token_id, r0, r1, effect, decisive,
     control_tokens, intervention_tokens} (rows in probe then position order).
@@ -153,6 +193,7 @@ def token_effects(
         probes: the completions to probe; grade: the training grader (completion text, answer) -> reward.
         max_completion_length: the run's completion budget (train.max_completion_length).
         eos_ids: the ids that end a completion (`arca.sampling.rollouts.eos_token_ids`).
+        progress: the label of a progress bar over the greedy decodes (`arca.progress`); None: silent.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     was_training = model.training
@@ -171,6 +212,7 @@ def token_effects(
             eos_ids=eos_ids,
             pad_id=pad_id,
             batch_size=batch_size,
+            progress=progress,
         )
     finally:
         model.train(was_training)
@@ -229,3 +271,14 @@ def probes_from_dump(
         keys.append({"prompt_id": prompt_id, "sample": int(sample)})
         probes.append(Probe(list(prompt_ids[prompt_id]), tokens, answers[prompt_id], positions))
     return pd.DataFrame(keys, columns=["prompt_id", "sample"]), probes
+
+
+def effects_frame(keys: pd.DataFrame, rows: Sequence[dict[str, object]], run: str, step: int) -> pd.DataFrame:
+    """The effects table of one checkpoint: `token_effects` rows with their completion's prompt_id and sample (from
+    `probes_from_dump`'s keys) in place of the probe index, and the run and step first; typed as `EFFECT_TYPES`.
+    Rows sorted by prompt_id, sample, pos, as the keys and probes are."""
+    frame = pd.DataFrame(list(rows), columns=EFFECT_COLUMNS)
+    frame = pd.concat([keys.iloc[frame.pop("probe")].reset_index(drop=True), frame], axis=1)
+    frame.insert(0, "step", step)
+    frame.insert(0, "run", run)
+    return frame.astype(EFFECT_TYPES)

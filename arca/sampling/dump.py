@@ -21,6 +21,7 @@ from arca.credit.config import CreditConfig
 from arca.credit.normalize import normalize
 from arca.credit.precision import float32_weights
 from arca.credit.signals import SIGNAL_NAMES, compute_signals, precision_sensitive
+from arca.progress import progress as progress_bar
 from arca.sampling.rollouts import Rollouts
 
 
@@ -80,27 +81,32 @@ def raw_saliences(
     layer: int = -1,
     batch_size: int = 8,
     temperature: float = 1.0,
+    progress: str | None = None,
 ) -> dict[str, Tensor]:
     """name -> (N, C) float32 raw saliences over completion positions (0 on padding), `batch_size` rows per pass.
 
-    `temperature` is the sampling temperature, as TRL's log-probs and the trainer use it.
+    `temperature` is the sampling temperature, as TRL's log-probs and the trainer use it. `progress`: the label of
+    a progress bar over the rows (`arca.progress`); None: silent.
     """
     p = rollouts.prompt_length
     device = next(model.parameters()).device
     out: dict[str, list[Tensor]] = {name: [] for name in signals}
-    for start in range(0, rollouts.input_ids.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        raw = compute_signals(
-            model,
-            rollouts.input_ids[sl].to(device),
-            rollouts.attention_mask[sl].to(device),
-            rollouts.completion_mask[sl].to(device),
-            layer=layer,
-            names=signals,
-            temperature=temperature,
-        )
-        for name in signals:
-            out[name].append(raw[name][:, p:].float().cpu())  # (b, C)
+    rows = rollouts.input_ids.shape[0]
+    with progress_bar(total=rows, desc=progress, unit="seq") as bar:
+        for start in range(0, rows, batch_size):
+            sl = slice(start, start + batch_size)
+            raw = compute_signals(
+                model,
+                rollouts.input_ids[sl].to(device),
+                rollouts.attention_mask[sl].to(device),
+                rollouts.completion_mask[sl].to(device),
+                layer=layer,
+                names=signals,
+                temperature=temperature,
+            )
+            for name in signals:
+                out[name].append(raw[name][:, p:].float().cpu())  # (b, C)
+            bar.update(min(batch_size, rows - start))
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
@@ -111,6 +117,7 @@ def float32_saliences(
     layer: int = -1,
     batch_size: int = 8,
     temperature: float = 1.0,
+    progress: str | None = None,
 ) -> dict[str, Tensor]:
     """`raw_saliences` with every weight upcast to float32 in place (`arca.credit.precision.float32_weights`): the
     float32 truth of a low-precision run on the very same rollouts and checkpoint; the weights are restored
@@ -118,7 +125,7 @@ def float32_saliences(
     if not signals:
         return {}
     with float32_weights(model):
-        return raw_saliences(model, rollouts, signals, layer, batch_size, temperature)
+        return raw_saliences(model, rollouts, signals, layer, batch_size, temperature, progress)
 
 
 def normalized(raw: dict[str, Tensor], rollouts: Rollouts, credit: CreditConfig) -> dict[str, tuple[Tensor, Tensor]]:
@@ -141,9 +148,11 @@ def signal_weights(
     signals: Sequence[str],
     batch_size: int = 8,
     temperature: float = 1.0,
+    progress: str | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """name -> (raw saliences, normalized weights), each (N, C) over completion positions."""
-    raw = raw_saliences(model, rollouts, signals, credit.layer, batch_size, temperature)
+    """name -> (raw saliences, normalized weights), each (N, C) over completion positions; `progress` labels a
+    progress bar (None: silent)."""
+    raw = raw_saliences(model, rollouts, signals, credit.layer, batch_size, temperature, progress)
     return normalized(raw, rollouts, credit)
 
 

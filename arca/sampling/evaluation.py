@@ -40,6 +40,7 @@ def evaluate(
     batch_size: int = 16,
     chat_template_kwargs: dict | None = None,
     sample: Callable[..., Rollouts] | None = None,
+    progress: str | None = None,
 ) -> pd.DataFrame:
     """One row per problem: prompt_id, eval_set; per grader (`PREFIXES`) `greedy` (0/1), `mean_k` (mean reward
     over k samples) and `pass_k` (1 if any of the k is correct); and the greedy completion text (for auditing).
@@ -51,8 +52,14 @@ def evaluate(
         sample: the engine, called as `sample(prompts, samples=..., greedy=..., ...)` with
             `arca.sampling.rollouts.generate`'s keywords (e.g. a bound `VLLMSampler.generate`); None: HF `generate`
             with `model` (then required; a `PeftModel` decodes as a merged copy, `arca.sampling.merged.merged_copy`).
+        progress: the label of the HF decodes' progress bars (`<label>: greedy`, `<label>: sampled`;
+            `arca.progress`); None: silent. A `sample` engine shows its own (vLLM's).
     """
+    # the `progress` keyword is HF `generate`'s: a `sample` engine shows its own progress (vLLM's)
+    labels = {"greedy": {}, "sampled": {}}
     if sample is None:
+        if progress is not None:
+            labels = {phase: {"progress": f"{progress}: {phase}"} for phase in labels}
         if model is None:
             raise ValueError("model: required when no `sample` engine is given")
         # HF decoding of an unmerged LoRA model is host-bound (two small matmuls per module per token): decode with
@@ -61,7 +68,7 @@ def evaluate(
     prompts = list(problems["prompt"])
     answers = list(problems["answer"])
     kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat_template_kwargs": chat_template_kwargs}
-    greedy = sample(prompts, samples=1, greedy=True, **kwargs)
+    greedy = sample(prompts, samples=1, greedy=True, **kwargs, **labels["greedy"])
     sampled = None
     if k > 0:
         sampled = sample(
@@ -73,6 +80,7 @@ def evaluate(
             top_k=top_k,
             seed=seed,
             **kwargs,
+            **labels["sampled"],
         )
     columns: dict[str, object] = {
         "prompt_id": problems["prompt_id"].to_numpy(),

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from arca.progress import progress as progress_bar
+
 
 @dataclass
 class Rollouts:
@@ -89,11 +91,13 @@ def generate(
     seed: int = 0,
     batch_size: int = 16,
     chat_template_kwargs: dict | None = None,
+    progress: str | None = None,
 ) -> Rollouts:
     """Generate `samples` completions per prompt (chat messages or raw text), greedy or sampled.
 
     Sampling is pure by default (top_k=0, top_p=1); `top_p`/`top_k` filter it (the ARCA paper samples its pass@k
     at top-p 0.95). The generator is re-seeded per batch from `seed`, so results do not depend on what ran before.
+    `progress`: the label of a progress bar over the sequences (`arca.progress`); None: silent.
     """
     texts, special = prompt_texts(tokenizer, prompts, chat_template_kwargs)
     flat = [(i, s) for i in range(len(texts)) for s in range(samples)]
@@ -102,6 +106,7 @@ def generate(
     was_training = model.training
     model.eval()
     chunks = []
+    bar = progress_bar(total=len(flat), desc=progress, unit="seq")
     try:
         for start in range(0, len(flat), batch_size):
             batch = flat[start : start + batch_size]
@@ -120,7 +125,9 @@ def generate(
                     eos_token_id=eos_ids,
                 )
             chunks.append((enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]))
+            bar.update(len(batch))
     finally:
+        bar.close()
         tokenizer.padding_side = old_side
         model.train(was_training)
     return assemble(chunks, flat, tokenizer, eos_ids)

@@ -267,6 +267,16 @@ def write_inputs(root: Path, dumps: pd.DataFrame) -> None:
         )
         method, rank, seed = RUNS[run]
         (root / f"data/runs/{run}/budget.json").write_text(json.dumps({"method": method, "rank": rank, "seed": seed}))
+    (root / "data/prepared").mkdir(parents=True)
+    ids = sorted(dumps["prompt_id"].unique())
+    probes = {"prompt_id": ids, "problem": [f"Problem {i.split('/')[-1][:-5]}?" for i in ids]}
+    pd.DataFrame({**probes, "answer": [i.split("/")[-1][:-5] for i in ids]}).to_parquet(
+        root / "data/prepared/probe.parquet"
+    )
+    final = dumps[(dumps["run"] == "r-arca") & (dumps["step"] == 10) & (dumps["pos"] < 3)]
+    effects = final[["run", "step", "prompt_id", "sample", "pos"]].assign(decisive=final["pos"] == 1)
+    (root / "data/faithfulness/r-arca").mkdir(parents=True)
+    effects.to_parquet(root / "data/faithfulness/r-arca/effects.parquet")
     (root / "data/eval").mkdir()
     (root / "data/eval/r-kl.json").write_text(json.dumps({"run": "r-kl", "method": "kl", "pass@1": 0.2}))
 
@@ -283,6 +293,13 @@ def test_stage_end_to_end(dumps, tmp_path, monkeypatch):
     assert len(pages) == 3 and "r-arca" in (tmp_path / "results/figures/heatmaps/index.html").read_text()
     table = pd.read_csv(tmp_path / "results/plots/training_curves.csv")
     assert set(table["run"]) == set(RUNS) and table["rank"].notna().all()
+    explorer = (tmp_path / "results/figures/explorer.html").read_text(encoding="utf-8")
+    data = json.loads(explorer.split('id="data">', 1)[1].split("</script>", 1)[0])
+    assert {c["run"] for c in data["completions"]} == set(RUNS) and {c["step"] for c in data["completions"]} == {0, 10}
+    assert len(data["completions"]) == dumps.groupby(["run", "step", "prompt_id", "sample"]).ngroups
+    assert data["problems"]["math/test/1.json"] == {"problem": "Problem 1?", "answer": "1"}
+    marked = [c for c in data["completions"] if c["dec"]]  # the effects written for r-arca at step 10
+    assert {(c["run"], c["step"]) for c in marked} == {("r-arca", 10)} and all(c["dec"] == [1] for c in marked)
 
 
 @pytest.mark.parametrize(

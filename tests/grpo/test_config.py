@@ -13,7 +13,7 @@ import yaml
 
 import arca
 from arca.credit.config import METHODS, CreditConfig, CreditConfigError
-from arca.grpo.config import ARGUMENTS, CreditGRPOConfig, credit_arguments
+from arca.grpo.config import ARGUMENTS, REPORT_TO_ENV, CreditGRPOConfig, credit_arguments, report_to_from_env
 
 
 def grpo(tmp_path, **kwargs) -> CreditGRPOConfig:
@@ -30,6 +30,46 @@ def test_is_a_grpo_config_with_credit_defaults(tmp_path):
         if name.startswith("credit_"):
             assert CreditGRPOConfig.__dataclass_fields__[name].metadata["help"], name
             assert f"{name} (`" in CreditGRPOConfig.__doc__, name
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, []), ("", []), ("none", []), (" tensorboard ,tensorboard", ["tensorboard"]), ("all", None)],
+)
+def test_report_to_comes_from_arca_report_to_when_not_given(tmp_path, monkeypatch, value, expected):
+    from transformers.integrations import get_available_reporting_integrations
+
+    if value is None:
+        monkeypatch.delenv(REPORT_TO_ENV, raising=False)
+    else:
+        monkeypatch.setenv(REPORT_TO_ENV, value)
+    if "tensorboard" in (value or "") and "tensorboard" not in get_available_reporting_integrations():
+        pytest.skip("no TensorBoard writer installed (tensorboardX is a test dependency: make setup)")
+    args = CreditGRPOConfig(output_dir=str(tmp_path), bf16=False)
+    assert args.report_to == (get_available_reporting_integrations() if expected is None else expected)
+    monkeypatch.setenv(REPORT_TO_ENV, "tensorboard")
+    assert CreditGRPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none").report_to == []  # given wins
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("tensorbord", r"ARCA_REPORT_TO='tensorbord': unknown tracker\(s\) \['tensorbord'\]; .*'tensorboard'"),
+        ("none,wandb_typo", r"unknown tracker\(s\) \['none', 'wandb_typo'\]"),
+    ],
+)
+def test_report_to_errors_name_the_variable(tmp_path, value, message):
+    with pytest.raises(ValueError, match=message):
+        report_to_from_env({REPORT_TO_ENV: value})
+
+
+def test_report_to_names_a_tracker_that_is_not_installed(monkeypatch):
+    import transformers.integrations.integration_utils as hf
+
+    monkeypatch.setattr(hf, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    with pytest.raises(ValueError, match=r"\['wandb'\] not installed .*installed trackers: \['tensorboard'\]"):
+        report_to_from_env({REPORT_TO_ENV: "tensorboard,wandb"})
+    assert report_to_from_env({REPORT_TO_ENV: "tensorboard"}) == ["tensorboard"]
 
 
 def test_top_entropy_sets_its_quantile(tmp_path):

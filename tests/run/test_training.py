@@ -364,6 +364,27 @@ def test_defaults_are_hf_and_trl_defaults(tmp_path, train_path):
     assert str(config.lr_scheduler_type.value) == "cosine" and config.warmup_steps == 10
 
 
+def test_arca_report_to_reaches_trl_and_no_fingerprint(tmp_path, train_path, monkeypatch):
+    """A tracker watches: ARCA_REPORT_TO sets TRL's report_to and leaves the run's fingerprint and params hash
+    (what resume and budget.json's params_md5 compare) as they were."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    from arca.run.training import settings_md5
+
+    if "tensorboard" not in get_available_reporting_integrations():
+        pytest.skip("no TensorBoard writer installed (tensorboardX is a test dependency: make setup)")
+    run, credit = settings(tmp_path, train_path, "run"), CreditConfig(method="arca")
+    monkeypatch.delenv("ARCA_REPORT_TO", raising=False)
+    off = grpo_config(run, credit), run_fingerprint(run, credit, [letter_reward])
+    monkeypatch.setenv("ARCA_REPORT_TO", "tensorboard")
+    on = grpo_config(run, credit), run_fingerprint(run, credit, [letter_reward])
+    assert (off[0].report_to, on[0].report_to) == ([], ["tensorboard"])
+    assert on[1] == off[1] and settings_md5(on[1]) == settings_md5(off[1])
+    monkeypatch.setenv("ARCA_REPORT_TO", "tensorbord")
+    with pytest.raises(ValueError, match="ARCA_REPORT_TO='tensorbord': unknown tracker"):
+        run_training(run, credit, reward_funcs=[letter_reward])  # before any model loads: model_dir is missing
+
+
 def write_raw_prompts(path: Path, lengths: list[int]) -> None:
     """Raw-text prompts (prompt.format: raw) of the given lengths in characters (= tokens of the tiny tokenizer)."""
     texts = [("Q" * (n - 1)) + "\n" for n in lengths]

@@ -264,3 +264,42 @@ def test_each_stage_reads_only_its_declared_params(repo, tmp_path):
     (copy / "params.full.yaml").unlink()
     status = _run([str(Path(sys.executable).parent / "dvc"), "status", "--json", *STAGES], copy)
     assert json.loads(status[status.index("{") :]) == {}, status
+
+
+def test_arca_report_to_writes_tracker_files_and_changes_no_output(repo, tmp_path):
+    """`ARCA_REPORT_TO=tensorboard dvc repro` of a train cell writes TensorBoard event files (with the credit
+    metrics) under logs/<run>/, outside every DVC output, and retrains to the same dvc.lock: every output hash
+    equal, metrics.json too once its wall time (different on any rerun) is set aside."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    if "tensorboard" not in get_available_reporting_integrations():
+        pytest.skip("no TensorBoard writer installed (tensorboardX is a test dependency: make setup)")
+    copy, run = tmp_path / "repo", "arca-r4-s0"
+    shutil.copytree(repo, copy, symlinks=True)
+    shutil.rmtree(copy / "data/checkpoints" / run)  # no resume: the cell trains every step with the tracker on
+    lock_before, dvc_yaml = (copy / "dvc.lock").read_text(), (copy / "dvc.yaml").read_text()
+    metrics = copy / "data/runs" / run / "metrics.json"
+    raw = metrics.read_bytes()
+    env = {**os.environ, "ARCA_REPORT_TO": "tensorboard", "PATH": f"{Path(sys.executable).parent}{os.pathsep}"}
+    env["PATH"] += os.environ["PATH"]
+    dvc = str(Path(sys.executable).parent / "dvc")
+    done = subprocess.run([dvc, "repro", "-f", "-s", f"train@{run}"], cwd=copy, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = sorted((copy / "logs" / run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, sorted(p.relative_to(copy) for p in (copy / "logs").rglob("*"))
+    logged = b"".join(p.read_bytes() for p in events)
+    for tag in (b"train/credit/gini", b"train/credit/etr", b"train/credit/fallback_rate", b"train/reward"):
+        assert tag in logged, tag  # scalar tags are stored as plain bytes in the event protobufs
+    assert not list((copy / "data").rglob("*tfevents*")), "tracker files inside data/"
+    assert (copy / "dvc.yaml").read_text() == dvc_yaml
+    after = json.loads(metrics.read_text())
+    assert after.pop("wall_seconds") > 0 and after == {k: v for k, v in json.loads(raw).items() if k != "wall_seconds"}
+    before, now = yaml.safe_load(lock_before)["stages"], yaml.safe_load((copy / "dvc.lock").read_text())["stages"]
+    for lock in (before, now):  # the one value a rerun cannot reproduce
+        cell = lock[f"train@{run}"]
+        cell["outs"] = [o for o in cell["outs"] if not o["path"].endswith("metrics.json")]
+    assert now == before
+    (copy / "dvc.lock").write_text(lock_before)
+    metrics.write_bytes(raw)
+    status = _run([dvc, "status", "--json"], copy)  # every file on disk, adapters included, as dvc.lock says
+    assert json.loads(status[status.index("{") :]) == {}, status
