@@ -221,6 +221,7 @@ STAGES = (
     "evaluate@arca-r4-s0",
     "faithfulness@arca-r4-s0",
     "tables",
+    "summary",
     "figures",
 )
 
