@@ -2,12 +2,13 @@
 every profile, so `dvc metrics show` reads as one table (a row per cell) and `dvc metrics diff` / `dvc exp show`
 name exactly the headline numbers an experiment moved.
 
-Per cell: the pass@1 of every eval set with its 95% interval (`<set>`, `<set>_lo`, `<set>_hi`; math-verify, from
-the accuracy table), and where the cell's own signal has them, at each run's final checkpoint, averaged over the
-cell's runs (seeds): `gini`, `etr` (SPEC 5, probe dumps), `auc`, `lift` (SPEC 9, where faithfulness scored the
-cell's runs) and `noise_share` (SPEC 2b, low-precision runs only). A key a cell cannot have is left out, not
-written as null: DVC shows `-` there. Values are rounded to 3 decimals, enough for pass@1 over a few hundred
-problems, and they keep the table narrow.
+Per cell: the pass@1 of every eval set (`<set>`; math-verify, from the accuracy table) with its 95% interval
+(`<set>_ci`: [low, high]), and where the cell's own signal has them, at each run's final checkpoint, averaged
+over the cell's runs (seeds): `gini`, `etr` (SPEC 5, probe dumps), `auc`, `lift` (SPEC 9, where faithfulness
+scored the cell's runs) and `noise_share` (SPEC 2b, low-precision runs only). A key a cell cannot have is left
+out, not written as null: DVC shows `-` there. Values are rounded to 3 decimals. The interval is a list, which
+DVC's tables leave out (`dvc metrics show --json` has it): two more columns per eval set would take the default's
+table past 120 columns, and a point estimate moves whenever its interval does.
 
 Left out: mean@k, pass@k and the paired differences (results/tables/accuracy.csv holds them), per-run training
 summaries (data/runs/<run>/metrics.json, read by the tables stage).
@@ -60,7 +61,7 @@ def headline(
     concentration: pd.DataFrame,
     noise: pd.DataFrame,
     faithfulness: pd.DataFrame,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, float | list[float]]]:
     """Cell name -> headline metrics (keys sorted), every cell of the accuracy table.
 
     Args:
@@ -80,14 +81,17 @@ def headline(
     final_noise = noise[noise["phase"] == "final"] if len(noise) else noise
     scores = faithfulness[~faithfulness["signal"].str.endswith(PERMUTED_LABEL)] if len(faithfulness) else faithfulness
     names = cell_names(rows)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float | list[float]]] = {}
     for (method, rank), group in rows.groupby(["method", "rank"], sort=True):
-        cell: dict[str, float | None] = {}
+        cell: dict[str, float | list[float] | None] = {}
         for _, row in group.iterrows():  # one row per eval set
             s = str(row["eval_set"])
             if s in RESERVED:
                 raise ValueError(f"data.eval: an eval set may not be named {s!r} (a headline key); rename it")
-            cell |= {s: row["pass@1"], f"{s}_lo": row["pass@1_lo"], f"{s}_hi": row["pass@1_hi"]}
+            cell[s] = row["pass@1"]
+            low, high = _rounded(row["pass@1_lo"]), _rounded(row["pass@1_hi"])
+            if low is not None and high is not None:
+                cell[f"{s}_ci"] = [low, high]
         runs = str(group["runs"].iloc[0]).split(";")
         if method != BASE_CELL:
             own = _own(weights, str(method), runs)
@@ -101,6 +105,6 @@ def headline(
                 shares = _own(final_noise, str(method), runs)
                 if len(shares):
                     cell["noise_share"] = shares["noise_share"].mean()
-        kept = {k: _rounded(v) for k, v in sorted(cell.items())}
+        kept = {k: v if isinstance(v, list) else _rounded(v) for k, v in sorted(cell.items())}
         out[names[(str(method), int(rank))]] = {k: v for k, v in kept.items() if v is not None}
     return dict(sorted(out.items()))

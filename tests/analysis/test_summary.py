@@ -58,11 +58,11 @@ def test_every_cell_has_the_same_keys_from_its_own_signal_and_runs():
     cells = headline(accuracy, concentration, NO_NOISE, scores)
     assert list(cells) == ["arca", "base", "uniform"]  # one rank: no rank in the names
     assert cells["arca"] == {
-        "math": 0.25, "math_lo": 0.15, "math_hi": 0.373, "reasoning": 0.5, "reasoning_lo": 0.4,
-        "reasoning_hi": 0.623, "gini": 0.3, "etr": 0.7, "auc": 0.6, "lift": 1.2,
+        "math": 0.25, "math_ci": [0.15, 0.373], "reasoning": 0.5, "reasoning_ci": [0.4, 0.623],
+        "gini": 0.3, "etr": 0.7, "auc": 0.6, "lift": 1.2,
     }  # fmt: skip
     assert cells["uniform"]["gini"] == 0.0 and cells["uniform"]["etr"] == 1.0 and "auc" not in cells["uniform"]
-    assert set(cells["base"]) == {"math", "math_lo", "math_hi", "reasoning", "reasoning_lo", "reasoning_hi"}
+    assert set(cells["base"]) == {"math", "math_ci", "reasoning", "reasoning_ci"}
     assert "noise_share" not in cells["arca"]  # float32: no noise share
 
 

@@ -193,7 +193,7 @@ def check_chain(root: Path, profile: str) -> None:
     assert {"math_verify", "exact"} <= set(accuracy["grader"])
     for method, _, _ in RUNS[profile].values():  # headline keys of a bf16 profile: its eval set, the noise share
         headline = json.loads((root / "metrics/summary" / f"{method}.json").read_text())
-        assert {"math", "math_lo", "math_hi", "gini", "etr", "noise_share"} <= set(headline), headline
+        assert {"math", "math_ci", "gini", "etr", "noise_share"} <= set(headline), headline
 
 
 def test_paper_profile_runs_end_to_end(paper):
