@@ -16,7 +16,7 @@ QUIET := { grep -v "is ignored" || true; }
 # Stage commands (`python -m stages.x` in dvc.yaml) must run with the project's interpreter.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-scale bench paper study sweep gather plan params gpu-check lint clean wheel-check lock restore
+.PHONY: setup repro test test-scale bench paper study compare sweep gather plan params gpu-check lint clean wheel-check lock restore
 
 # constraints.txt is the exact tested set (.ci/lock.sh writes it); pyproject.toml holds the ranges users get.
 $(STAMP): pyproject.toml constraints.txt
@@ -50,14 +50,25 @@ bench: $(STAMP)
 
 # The GPU profiles (conf/profile/, docs/profiles.md "Paper profile"): one GPU, bf16, hub access for the model. Each is a
 # DVC experiment: DVC composes params.yaml from conf/ and runs the pipeline in this workspace (resumable).
-# `make plan PROFILE=paper` first says what it costs.
+# `make plan PROFILE=paper` first says what it costs. Each experiment is named (`dvc exp run -n`), so `make compare`,
+# `dvc exp branch paper` and `dvc exp push origin paper` find it; NAME=<name> for a second one on the same commit.
 paper: $(STAMP)
-	$(BIN)/dvc exp run -S profile=paper
+	$(BIN)/dvc exp run -n $(or $(NAME),paper) -S profile=paper
 
 # Two experiments of the study profile: sharpening 1 (the profile's) and 2.
 study: $(STAMP)
-	$(BIN)/dvc exp run -S profile=study
-	$(BIN)/dvc exp run -S profile=study -S credit.sharpening=2
+	$(BIN)/dvc exp run -n $(or $(NAME),study)-sharp1 -S profile=study
+	$(BIN)/dvc exp run -n $(or $(NAME),study)-sharp2 -S profile=study -S credit.sharpening=2
+
+# The experiments of this commit side by side, only what differs between them: the changed params and headline
+# metrics (metrics/summary/), without the deps' hashes and the timestamps (README "Compare variations");
+# EXP=<name> adds `dvc metrics diff` of BASE (default HEAD) against it: one line per headline metric it moved.
+# tests/stages/test_pipeline.py reads COMPARE_PATTERNS from here.
+COMPARE_PATTERNS := --drop 'Created|(arca|stages|data|results|plots)/' --keep '^profile$$'
+BASE ?= HEAD
+compare: $(STAMP)
+	$(BIN)/dvc exp show --only-changed --no-pager $(COMPARE_PATTERNS)
+	$(if $(EXP),$(BIN)/dvc metrics diff $(BASE) $(EXP))
 
 # The train cells on the GPUs of this machine, one GPU each, then the rest of the pipeline once (scale/README.md):
 # `make sweep NGPUS=8`, or GPUS="0 1 2 3" (GPUS="0,1 2,3": two per cell); PROFILE=<name> first writes that profile

@@ -1,5 +1,7 @@
 """Stage `figures`: Lorenz curves, regime map, training curves, token heatmaps and the token explorer under
-results/figures/.
+results/figures/, and the data of the DVC plots under results/plots/ (training curves, Lorenz curves,
+degeneration map, faithfulness lift: dvc.yaml `plots:`, so `dvc plots diff main <exp>` overlays two revisions
+where the PNGs only sit side by side).
 
 Run from the repository root: `python -m stages.figures [--params params.yaml]`. Reads
 `data/dumps/*.parquet`, `data/diagnostics/trajectories.parquet`, `data/runs/*/{log.tsv,budget.json}` and,
@@ -21,10 +23,10 @@ import click
 import pandas as pd
 import pyarrow.parquet as pq
 
-from arca.analysis.degeneration_report import degeneration_figure
+from arca.analysis.degeneration_report import degeneration_figure, degeneration_plot_table
 from arca.analysis.explorer import write_explorer
-from arca.analysis.faithfulness_figure import faithfulness_figure
-from arca.analysis.figures import lorenz_figure, regime_map, training_curves
+from arca.analysis.faithfulness_figure import faithfulness_figure, faithfulness_plot_table
+from arca.analysis.figures import atomic_write, lorenz_figure, lorenz_table, regime_map, training_curves
 from arca.analysis.heatmap import heatmap_pages, heatmap_png
 from stages.common import load_valid
 
@@ -98,6 +100,13 @@ def parse_params(params: dict) -> FigureParams:
         _int(fig, "figures", "seed", 0),
         lorenz_by,
     )
+
+
+def write_plot(name: str, table: pd.DataFrame) -> None:
+    """results/plots/<name>.csv: the data of a `dvc plots` entry (dvc.yaml `plots:`), so `dvc plots diff` overlays
+    experiments; header only where the stage has nothing to draw (the output must exist)."""
+    write = lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")  # noqa: E731
+    atomic_write(PLOTS / f"{name}.csv", write)
 
 
 def _dump_paths() -> list[Path]:
@@ -186,13 +195,18 @@ def main(params_path: Path) -> None:
     traj = pd.read_parquet(TRAJECTORIES)
     phases = traj[["run", "step", "phase"]].drop_duplicates()
     lorenz_figure(dumps, FIGURES / "lorenz.png", by=params.lorenz_by, phases=phases)
+    write_plot("lorenz", lorenz_table(dumps, by=params.lorenz_by, phases=phases))
     regime_map(traj, FIGURES / "regime_map.png", params.etr_uniform, params.etr_concentrated, seed=params.seed)
     training_curves(read_logs(), FIGURES / "training_curves.png", PLOTS / "training_curves.csv", read_evals())
     scores = sorted(FAITHFULNESS.glob("*/scores.parquet"))
-    if scores:  # every profile lists at least one run in faithfulness.runs; a figure only where one ran
-        faithfulness_figure(pd.concat(map(pd.read_parquet, scores), ignore_index=True), FIGURES / "faithfulness.png")
-    if DEGENERATION.is_file():  # SPEC 10: Gini against KL(pi_c || pi_ref), one panel per run
-        degeneration_figure(pd.read_parquet(DEGENERATION), FIGURES / "degeneration.png")
+    faithfulness = pd.concat(map(pd.read_parquet, scores), ignore_index=True) if scores else None
+    if faithfulness is not None:  # every profile lists at least one run in faithfulness.runs; a figure where one ran
+        faithfulness_figure(faithfulness, FIGURES / "faithfulness.png")
+    degeneration = pd.read_parquet(DEGENERATION) if DEGENERATION.is_file() else None
+    if degeneration is not None:  # SPEC 10: Gini against KL(pi_c || pi_ref), one panel per run
+        degeneration_figure(degeneration, FIGURES / "degeneration.png")
+    write_plot("faithfulness", faithfulness_plot_table(faithfulness))
+    write_plot("degeneration", degeneration_plot_table(degeneration))
 
     run = pick_heatmap_run(dumps, params.heatmap_run)
     run_paths = [p for p in paths if p.stem == run]

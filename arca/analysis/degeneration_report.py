@@ -82,3 +82,19 @@ def degeneration_figure(table: pd.DataFrame, out: Path) -> None:
         fig.legend(handles, labels, loc="outside right center", frameon=False)
         save_png(fig, out)
         plt.close(fig)
+
+
+def degeneration_plot_table(table: pd.DataFrame | None) -> pd.DataFrame:
+    """The degeneration figure as data for `dvc plots` (results/plots/degeneration.csv): `panel` (run, and its
+    dtype where it is not float32), signal, c, `kl` = the float32 KL(pi_c || pi_ref) with c = 0 at the figure's
+    left edge (a tenth of the smallest positive KL, so a log axis can hold it), and the mean Gini; no rows for
+    None (no degeneration map)."""
+    if table is None or table.empty:
+        return pd.DataFrame(columns=["panel", "signal", "c", "kl", "gini"])
+    positive = table.loc[table["kl32"] > 0, "kl32"]
+    floor = float(positive.min()) / 10 if len(positive) else 1e-12
+    panel = np.where(table["dtype"] == "float32", table["run"], table["run"] + " (" + table["dtype"] + ")")
+    out = pd.DataFrame(
+        {"panel": panel, "signal": table["signal"], "c": table["scale"], "kl": _x_positions(table["kl32"], floor)}
+    )
+    return out.assign(gini=table["gini"].to_numpy()).sort_values(["panel", "signal", "c"], ignore_index=True)

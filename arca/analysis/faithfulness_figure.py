@@ -64,3 +64,19 @@ def faithfulness_figure(scores: pd.DataFrame, out: Path, metric: str = "lift") -
         fig.axes[0].legend(handles=handles, loc="best")
         save_png(fig, out)
     return Path(out)
+
+
+PLOT_COLUMNS = ["panel", "signal", "lift", "lift_lo", "lift_hi", "auc"]
+
+
+def faithfulness_plot_table(scores: pd.DataFrame | None) -> pd.DataFrame:
+    """The faithfulness figure's signals (not their permutation controls, which the PNG and table keep) as data
+    for `dvc plots` (results/plots/faithfulness.csv): `panel` (run, step), signal, lift with its 95% interval,
+    auc; no rows for None or no scores."""
+    if scores is None or scores.empty:
+        return pd.DataFrame(columns=PLOT_COLUMNS)
+    rows = ordered(scores)
+    rows = rows[~rows["signal"].str.endswith(PERMUTED)]
+    panel = rows["run"] + " step " + rows["step"].astype(str)
+    out = rows[["signal", "lift", "lift_lo", "lift_hi", "auc"]].reset_index(drop=True)
+    return out.assign(panel=panel.to_numpy())[PLOT_COLUMNS]

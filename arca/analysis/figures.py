@@ -374,3 +374,35 @@ def _mark_pass_at_1(ax, table: pd.DataFrame, evals: pd.DataFrame) -> None:
             markeredgewidth=0.5,
         )
     ax.plot([], [], marker="*", linestyle="", color="gray", label="held-out pass@1 (eval)")
+
+
+def lorenz_table(
+    dumps: pd.DataFrame, by: str = "phase", phases: pd.DataFrame | None = None, grid_points: int = 21
+) -> pd.DataFrame:
+    """The Lorenz curves of `lorenz_figure` as data for `dvc plots` (results/plots/lorenz.csv): one row per panel
+    x signal x grid point, `panel, panel_order` (the figure's panel order), `signal, token_share, credit_share`,
+    the mean over trajectories as drawn; `uniform` is the diagonal. A coarser grid than the PNG's (21 points):
+    enough to overlay experiments."""
+    _require(dumps, [*TRAJECTORY_KEYS, "rank"], "dumps")
+    grid = np.linspace(0.0, 1.0, grid_points)  # (P,)
+    parts = []
+    for order, (title, rows) in enumerate(_lorenz_panels(dumps, by, phases)):
+        if rows.empty:
+            continue
+        codes = rows.groupby(TRAJECTORY_KEYS, sort=True, observed=True).ngroup().to_numpy()  # (N,)
+        for signal in signals_in(rows):
+            curves, _ = lorenz_on_grid(codes, rows[f"w_{signal}"].to_numpy(), grid)
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "panel": title,
+                        "panel_order": order,
+                        "signal": signal,
+                        "token_share": grid,
+                        "credit_share": curves.mean(axis=0),
+                    }
+                )
+            )
+    if not parts:
+        raise ValueError("dumps: no rows left to tabulate (empty table, or no step matches `phases`)")
+    return pd.concat(parts, ignore_index=True)

@@ -15,6 +15,7 @@ from arca.analysis.figures import (
     SIGNAL_ORDER,
     lorenz_figure,
     lorenz_on_grid,
+    lorenz_table,
     regime_map,
     signal_color,
     signals_in,
@@ -189,6 +190,23 @@ def test_lorenz_figure_is_deterministic(dumps, tmp_path, by):
         lorenz_figure(dumps, tmp_path / "c.png", by="seed")
 
 
+def test_lorenz_table_holds_the_drawn_curves_in_panel_order(dumps):
+    """The `dvc plots` data of the Lorenz figure: the averaged curve per panel and signal on 21 token shares;
+    uniform is the diagonal, every curve runs from (0, 0) to (1, 1) below it, and 1 - 2 x its area is the Gini."""
+    table = lorenz_table(dumps, by="phase")
+    panels = list(dict.fromkeys(table["panel"]))
+    assert len(panels) > 1 and panels == [f"phase {p}" for p in ("init", "mid", "final") if f"phase {p}" in panels]
+    assert table.groupby("panel", sort=False)["panel_order"].first().is_monotonic_increasing
+    for (_, signal), curve in table.groupby(["panel", "signal"]):
+        share, credit = curve["token_share"].to_numpy(), curve["credit_share"].to_numpy()
+        assert len(curve) == 21 and credit[0] == 0 and credit[-1] == pytest.approx(1)
+        assert (credit <= share + 1e-9).all()
+        if signal == "uniform":
+            np.testing.assert_allclose(credit, share)
+    final = table[(table["panel"] == table["panel"].iloc[-1]) & (table["signal"] != "uniform")]
+    assert (final.groupby("signal")["credit_share"].mean() < 0.5).any()  # some signal concentrates
+
+
 def test_regime_map(dumps, tmp_path):
     traj = make_trajectories(dumps)
     first = assert_png(regime_map(traj, tmp_path / "a.png", 0.95, 0.25, max_points=40, seed=3))
@@ -300,6 +318,10 @@ def test_stage_end_to_end(dumps, tmp_path, monkeypatch):
     assert data["problems"]["math/test/1.json"] == {"problem": "Problem 1?", "answer": "1"}
     marked = [c for c in data["completions"] if c["dec"]]  # the effects written for r-arca at step 10
     assert {(c["run"], c["step"]) for c in marked} == {("r-arca", 10)} and all(c["dec"] == [1] for c in marked)
+    lorenz = pd.read_csv(tmp_path / "results/plots/lorenz.csv")  # the data-backed DVC plots (dvc.yaml `plots:`)
+    assert {"panel", "signal", "token_share", "credit_share"} <= set(lorenz.columns) and len(lorenz)
+    for name in ("faithfulness", "degeneration"):  # no SPEC 9 / 10 inputs here: the header only
+        assert pd.read_csv(tmp_path / f"results/plots/{name}.csv").empty
 
 
 @pytest.mark.parametrize(

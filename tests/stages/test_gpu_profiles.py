@@ -1,4 +1,4 @@
-"""CPU proof of the GPU profiles: each profile's whole stage chain through `tables`, started as a user starts it
+"""CPU proof of the GPU profiles: each profile's whole stage chain through `summary`, started as a user starts it
 (`dvc exp run -S profile=<name>` in a git + DVC repo, DVC composing params.yaml from conf/), unchanged except for
 sizes (2 steps, 2 eval problems, 8-token completions, one run of the profile's list) and the model.
 
@@ -145,7 +145,7 @@ def run_profile(repo: tuple[Path, dict[str, str]], profile: str, extra: tuple[st
             str(BIN / "dvc"),
             "exp",
             "run",
-            "tables",
+            "summary",
             "--name",
             f"cpu-{profile}",
             *[arg for override in overrides for arg in ("-S", override)],
@@ -191,6 +191,9 @@ def check_chain(root: Path, profile: str) -> None:
     accuracy = pd.read_csv(root / "results/tables/accuracy.csv")
     assert set(RUNS[profile]) | {"base"} <= set(accuracy["runs"])
     assert {"math_verify", "exact"} <= set(accuracy["grader"])
+    for method, _, _ in RUNS[profile].values():  # headline keys of a bf16 profile: its eval set, the noise share
+        headline = json.loads((root / "metrics/summary" / f"{method}.json").read_text())
+        assert {"math", "math_ci", "gini", "etr", "noise_share"} <= set(headline), headline
 
 
 def test_paper_profile_runs_end_to_end(paper):

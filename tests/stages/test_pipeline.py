@@ -3,9 +3,13 @@ second `dvc repro` that must do nothing."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import io
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -217,6 +221,7 @@ STAGES = (
     "evaluate@arca-r4-s0",
     "faithfulness@arca-r4-s0",
     "tables",
+    "summary",
     "figures",
 )
 
@@ -304,3 +309,41 @@ def test_arca_report_to_writes_tracker_files_and_changes_no_output(repo, tmp_pat
     metrics.write_bytes(raw)
     status = _run([dvc, "status", "--json"], copy)  # every file on disk, adapters included, as dvc.lock says
     assert json.loads(status[status.index("{") :]) == json.loads(status_before[status_before.index("{") :]), status
+
+
+def compare_patterns() -> list[str]:
+    """`make compare`'s --drop/--keep arguments (COMPARE_PATTERNS in the Makefile), as `dvc exp show` gets them."""
+    line = re.search(r"^COMPARE_PATTERNS := (.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert line, "Makefile: COMPARE_PATTERNS is missing"
+    return shlex.split(line.group(1).replace("$$", "$"))
+
+
+DATA_PLOTS = ("lorenz", "degeneration", "faithfulness_lift")  # dvc.yaml plots backed by results/plots/*.csv
+
+
+def test_an_experiment_compares_in_a_terminal(repo, tmp_path):
+    """README "Compare variations" on the tiny pipeline: an analysis-only experiment; the recipe's `dvc exp show`
+    has at most 15 columns, the changed param among them, and `dvc plots diff` draws both revisions of every
+    data-backed plot; `dvc metrics show` is one table, a row per cell."""
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    (copy / ".gitignore").write_text("data/checkpoints/\n__pycache__/\n")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    for key, value in (("user.name", "test"), ("user.email", "test@example.com")):
+        _run(["git", "config", key, value], copy)
+    _run(["git", "add", "-A"], copy)
+    _run(["git", "commit", "-qm", "baseline"], copy)
+    _run([dvc, "exp", "run", "-n", "etr90", "-S", "diagnostics.etr_uniform=0.9"], copy)
+    out = _run([dvc, "exp", "show", "--only-changed", "--csv", *compare_patterns()], copy)
+    header = next(csv.reader(io.StringIO(out[out.index("Experiment") :])))
+    assert len(header) <= 15 and "diagnostics.etr_uniform" in header, header
+    assert not [h for h in header if "/" in h and not h.startswith("metrics/summary/")], header  # no deps, no runs
+    plots = json.loads(_run([dvc, "plots", "diff", "HEAD", "etr90", "--json"], copy))["data"]
+    for name in DATA_PLOTS:
+        (plot,) = plots[name]  # one vega plot, the template filled with both revisions' rows
+        revs = {row["rev"] for row in plot["content"]["data"]["values"]}
+        assert set(plot["revisions"]) == revs == {"HEAD", "etr90"}, (name, revs)
+    table = _run([dvc, "metrics", "show"], copy).strip().splitlines()
+    assert [line.split()[0] for line in table[1:]] == [
+        f"metrics/summary/{cell}.json" for cell in ("arca", "base", "uniform")
+    ], table

@@ -37,6 +37,7 @@ STAGES = {  # every stage CLI (and the planner) with the arguments dvc.yaml or a
     "faithfulness": RUN,
     "degeneration": [],
     "tables": [],
+    "summary": [],
     "figures": [],
     "plan": [],
 }
