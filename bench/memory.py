@@ -48,7 +48,7 @@ import warnings
 from pathlib import Path
 
 from arca.methods import METHODS
-from bench.step_overhead import FULL, QUICK, BenchSize  # imported before any fork, shared by every child
+from bench.step_overhead import FULL, QUICK, BenchSize, method_list  # imported before any fork, shared by every child
 
 BETAS = (0.04, 0.0)
 PAIR = ("uniform", "arca")  # the summary line's methods: repeated even in --quick
@@ -273,7 +273,7 @@ def summary_line(results: dict[float, dict[str, list[dict[str, float]]]]) -> str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="vocab 8k and 16-token completions (bench.step_overhead)")
-    parser.add_argument("--methods", type=_methods, default=METHODS, help="comma-separated subset (default: all)")
+    parser.add_argument("--methods", type=method_list, default=METHODS, help="comma-separated subset (default: all)")
     parser.add_argument("--steps", type=int, default=1, help="measured steps per process, after one warm-up")
     parser.add_argument(
         "--repeats",
@@ -307,15 +307,6 @@ def main() -> None:
     print(table(results))
     print(f"total {time.perf_counter() - start:.0f} s")
     print(summary_line(results))
-
-
-def _methods(text: str) -> tuple[str, ...]:
-    """`--methods a,b`: known methods, `uniform` first (the baseline of every difference)."""
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    return ("uniform", *dict.fromkeys(m for m in names if m != "uniform"))
 
 
 if __name__ == "__main__":

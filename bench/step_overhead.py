@@ -244,7 +244,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="vocab 8k, 16-token completions, 16 rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
-    parser.add_argument("--methods", type=_methods, default=METHODS, help="comma-separated subset (default: all)")
+    parser.add_argument("--methods", type=method_list, default=METHODS, help="comma-separated subset (default: all)")
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds (steadier ratios on a busy machine)")
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="cpu", help="cpu: this process's CPU time (default); wall: elapsed"
@@ -290,8 +290,8 @@ def main() -> None:
             print(f"{method}/uniform step time: beta>0 {interval(ratio[0.04])}, beta=0 {interval(ratio[0.0])}")
 
 
-def _methods(text: str) -> tuple[str, ...]:
-    """`--methods a,b`: known methods, `uniform` first (the baseline of every ratio)."""
+def method_list(text: str) -> tuple[str, ...]:
+    """`--methods a,b`: known methods, `uniform` first (the baseline of every ratio or difference)."""
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
