@@ -221,3 +221,29 @@ def trainer_credit(model: Any, args: GRPOConfig | None, credit: CreditConfig | N
         stacklevel=3,
     )
     return args, credit
+
+
+def check_setup(credit: CreditConfig, quantile: float, model: Any, needs_reference: bool, needs_lora: bool) -> None:
+    """What `CreditGRPOTrainer` refuses before training: a `top_entropy_quantile` that disagrees with the method,
+    and a reference- or LoRA-reading method without a PEFT adapter (or with TRL's frozen adapter copy as
+    reference). `model`: the unwrapped model."""
+    method = credit.method
+    if method == "top_entropy" and quantile != credit.top_entropy_quantile:
+        raise ValueError(
+            f"top_entropy_quantile: must equal credit.top_entropy_quantile {credit.top_entropy_quantile} "
+            f"(use CreditGRPOConfig, which sets it), got {quantile}"
+        )
+    if method != "top_entropy" and quantile != 1.0:
+        raise ValueError(
+            f"top_entropy_quantile: would mask tokens on top of method {method!r}; leave it at 1.0 "
+            f"(credit_method='top_entropy' sets it), got {quantile}"
+        )
+    if not (needs_reference or needs_lora):
+        return
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError(f"model: method {method!r} needs the LoRA adapter; pass peft_config=LoraConfig(...)")
+    if needs_reference and "ref" in model.peft_config:
+        raise ValueError(
+            f"model: method {method!r} needs the base model as reference, but TRL made a frozen "
+            "adapter copy ('ref'); pass the unwrapped model with peft_config= instead"
+        )

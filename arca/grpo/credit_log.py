@@ -3,7 +3,10 @@ concentration (SPEC 5) summed over the micro-batch, ready to be added up across 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import torch
 from torch import Tensor
 
 from arca.credit.diagnostics import effective_token_ratio, gini, regime
@@ -40,3 +43,15 @@ def credit_sums(weights: Tensor, mask: Tensor, fallback: Tensor) -> np.ndarray:
         axis=1,
     )  # (B, 6)
     return np.concatenate([(per_row * has_tokens[:, None]).sum(0), [has_tokens.sum()]])
+
+
+def credit_means(
+    weights: Tensor, mask: Tensor, fallback: Tensor, gather: Callable[[Tensor], Tensor], device: torch.device
+) -> dict[str, float]:
+    """`CREDIT_METRICS` name -> mean over the trajectories of every process (`gather`: the accelerator's), and the
+    largest weight of any."""
+    local = torch.as_tensor(credit_sums(weights, mask, fallback), dtype=torch.float64, device=device)  # (7,)
+    totals = gather(local[None]).sum(0)  # (7,)
+    means = (totals[:-1] / totals[-1].clamp_min(1.0)).tolist()
+    max_weight = gather(weights.detach().amax().reshape(1).float().to(device)).max().item()
+    return dict(zip(CREDIT_METRICS, [*means, max_weight]))

@@ -11,27 +11,17 @@ TRL untouched: bit-identical to a plain `GRPOTrainer`. `top_entropy` takes TRL's
 other (SPEC 3; with scheme `mean` a kept token weighs `T / k`, the others 0, and a row with no kept token falls
 back to uniform), and TRL does not apply the mask again: the loss gets exactly the weights the log reports.
 
-Where the states come from: TRL's fused LM head never returns logits or hidden states, so forward hooks on the
-backbone (or on the decoder layer `credit_layer` picks) keep its output while a pass of interest runs, and
-hooks on every LoRA layer add up `||s B A x||` for `arca_local` (`arca.credit.lora_local`, read from each layer's
-input before dropout).
+States: forward hooks keep the backbone's (or `credit_layer`'s) output while a pass of interest runs, since TRL's
+fused LM head returns no hidden states; `arca_local` sums `||s B A x||` over LoRA layers (`arca.credit.lora_local`).
 
-Exactness (SPEC 2b): with `credit_reference: matched` (the default) the adapter-off pass runs inside
-`_compute_loss` on exactly the loss micro-batch, through the TRL function the loss forward uses, so LoRA `B = 0`
-gives every reference-comparing salience exactly 0 in any dtype and `beta > 0` costs no extra pass (at `beta = 0`
-the pass is the backbone alone unless a signal reads its log-probs); logit signals take the log-prob and entropy
-TRL's passes computed where its head is float32; `reuse` takes
-TRL's generation-time pass (not exact in bf16). With dropout, adapter-on states come from one dropout-free pass
-unless `credit_salience_dropout`. The full account is in docs/design.md ("Exact saliences in the trainer").
+Exactness (SPEC 2b, `credit_reference: matched`, the default): the adapter-off pass runs inside `_compute_loss`
+on exactly the loss micro-batch (the backbone alone at `beta = 0` unless a signal reads its log-probs), so LoRA
+`B = 0` gives every reference-comparing salience exactly 0 in any dtype; logit signals take TRL's log-probs and
+entropies where its head is float32; `reuse` takes TRL's generation-time pass (not exact in bf16); with dropout,
+states come from one dropout-free pass. Logged: `arca.grpo.credit_log.CREDIT_METRICS`, and the bf16 noise probe.
+The full account: docs/design.md ("Exact saliences in the trainer").
 
-Logged (`credit/<name>` in TRL's log): `arca.grpo.credit_log.CREDIT_METRICS` of the weights the loss receives, regime
-fractions at SPEC 5's default thresholds (constants: the analysis thresholds belong to the diagnose stage), and
-in low-precision runs the running noise estimate of `arca.grpo.noise_probe`.
-
-Left out: a non-PEFT policy (the reference must be the same weights under `disable_adapter()`), vision inputs
-in the `reuse` extra pass at `beta = 0`, the weights' effect on TRL's entropy bonus (unweighted, on every token,
-`top_entropy` included), a dropout-free pass for `top_entropy` (its entropies are TRL's, from the loss forward),
-and the noise probe under ZeRO/FSDP.
+What it leaves out: docs/design.md ("Exact saliences in the trainer").
 """
 
 from __future__ import annotations
@@ -71,8 +61,8 @@ from arca.grpo.capture import (
     sequences,
     trl_head_is_exact,
 )
-from arca.grpo.config import CreditGRPOConfig, trainer_credit
-from arca.grpo.credit_log import CREDIT_METRICS, credit_sums
+from arca.grpo.config import CreditGRPOConfig, check_setup, trainer_credit
+from arca.grpo.credit_log import CREDIT_METRICS, credit_means
 from arca.grpo.noise_probe import NOISE_SIGNALS, NoiseProbe
 from arca.grpo.sampler import EpochSeededRepeatSampler
 from arca.sampling.merged import sync_merged_copies
@@ -130,7 +120,13 @@ class CreditGRPOTrainer(GRPOTrainer):
         self._entropy_inputs: dict[str, Any] | None = None  # the same for `top_entropy`'s mask
         self._in_generation = False
         self._ref_states: dict[str, Tensor] | None = None
-        self._check_setup()
+        check_setup(
+            self.credit,
+            self.args.top_entropy_quantile,
+            self.accelerator.unwrap_model(self.model),
+            self._needs_reference,
+            self._needs_lora,
+        )
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._capture = StateCapture(self._state_sources()) if self._needs_states else None
         self._lora_capture = LoraNormCapture(unwrapped) if self._needs_lora else None
@@ -161,29 +157,6 @@ class CreditGRPOTrainer(GRPOTrainer):
         zero3 = self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3
         if getattr(self, "vllm_generation", None) is not None and not (self.is_fsdp_enabled or zero3):
             sync_merged_copies(self.vllm_generation, lambda: self.accelerator.unwrap_model(self.model))
-
-    def _check_setup(self) -> None:
-        method, quantile = self.credit.method, self.args.top_entropy_quantile
-        if method == "top_entropy" and quantile != self.credit.top_entropy_quantile:
-            raise ValueError(
-                f"top_entropy_quantile: must equal credit.top_entropy_quantile {self.credit.top_entropy_quantile} "
-                f"(use CreditGRPOConfig, which sets it), got {quantile}"
-            )
-        if method != "top_entropy" and quantile != 1.0:
-            raise ValueError(
-                f"top_entropy_quantile: would mask tokens on top of method {method!r}; leave it at 1.0 "
-                f"(credit_method='top_entropy' sets it), got {quantile}"
-            )
-        if not (self._needs_reference or self._needs_lora):
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        if not hasattr(model, "disable_adapter"):
-            raise ValueError(f"model: method {method!r} needs the LoRA adapter; pass peft_config=LoraConfig(...)")
-        if self._needs_reference and "ref" in model.peft_config:
-            raise ValueError(
-                f"model: method {method!r} needs the base model as reference, but TRL made a frozen "
-                "adapter copy ('ref'); pass the unwrapped model with peft_config= instead"
-            )
 
     def _state_sources(self) -> dict[str, nn.Module]:
         """Which modules' outputs the method reads: `final` for logits signals, `arca` for the residual."""
@@ -334,16 +307,10 @@ class CreditGRPOTrainer(GRPOTrainer):
     def _salience_pass(
         self, model: nn.Module, batch: dict[str, Any], adapter: bool, head: bool = True
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """One no-grad pass over exactly `batch`, adapter on or off, in eval mode (no dropout), one chunk, same
-        tensors as the loss forward. `head`: through the TRL function the loss forward uses, which also yields
-        the per-token log-prob and entropy; else the backbone alone, as TRL's fused head runs it (no LM head,
-        no vocabulary). Vision inputs and FSDP (the root module owns parameters the backbone needs) always take
-        TRL's function.
-
-        Returns:
-            The captured states (see `_captured`), and with `head` the (B, T) log-probs and entropies of the
-            completion tokens (`logp`, `entropy`; `ref_` prefixed when the adapter is off).
-        """
+        """One no-grad pass over exactly `batch` (adapter on or off, eval mode, one chunk, the loss forward's
+        tensors): the captured states (`_captured`), and with `head` (TRL's function, always for vision inputs and
+        FSDP, whose root owns parameters the backbone needs) the (B, T) `logp`, `entropy` (`ref_` prefixed with
+        the adapter off); without it the backbone alone, as TRL's fused head runs it (no vocabulary)."""
         input_ids, attention_mask, num_tokens = sequences(batch)
         unwrapped = self.accelerator.unwrap_model(self.model)
         extra = {k: batch.get(k) for k in FORWARD_KEYS}
@@ -424,12 +391,8 @@ class CreditGRPOTrainer(GRPOTrainer):
 
     def _log_credit(self, weights: Tensor, mask: Tensor, fallback: Tensor) -> None:
         """Append this micro-batch's means of `CREDIT_METRICS` (over every process) to TRL's metrics."""
-        device = self.accelerator.device
-        local = torch.as_tensor(credit_sums(weights, mask, fallback), dtype=torch.float64, device=device)  # (7,)
-        totals = self.accelerator.gather(local[None]).sum(0)  # (7,)
-        means = (totals[:-1] / totals[-1].clamp_min(1.0)).tolist()
-        max_weight = self.accelerator.gather(weights.detach().amax().reshape(1).float().to(device)).max().item()
-        for name, value in zip(CREDIT_METRICS, [*means, max_weight]):
+        means = credit_means(weights, mask, fallback, self.accelerator.gather, self.accelerator.device)
+        for name, value in means.items():
             self._metrics["train" if self.model.training else "eval"][f"credit/{name}"].append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
